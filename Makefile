@@ -1,0 +1,39 @@
+# attnres-train: `make train` and `make test` set themselves up (make setup) on a fresh machine.
+PY      ?= python3
+VENV    := .venv
+BIN     := $(VENV)/bin
+STAMP   := $(VENV)/.installed
+HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
+ARGS    ?=
+# megatron's jit_fuser is torch.compile: slower than eager on CPU and 5-19 s to warm up.
+CPU_ENV := $(if $(HAS_GPU),,TORCHDYNAMO_DISABLE=1)
+
+.PHONY: setup train test test-fast dry-run bench clean
+
+setup: $(STAMP)
+
+# torch is installed first, alone and pinned: on CPU machines `torch==2.13.0` resolves to the
+# local CPU wheel; anything unpinned would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(if $(HAS_GPU),$(BIN)/python -m pip install --quiet -e '.[gpu]' || echo "optional GPU extras failed to install: falling back to the pure-torch paths")
+	$(BIN)/python -c "import torch, megatron.core; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+	touch $(STAMP)
+
+train: setup
+	$(CPU_ENV) $(BIN)/attnres-train $(ARGS)
+
+dry-run: setup
+	$(CPU_ENV) $(BIN)/attnres-train model=kimi_linear_48b_a3b train.dry_run=true $(ARGS)
+
+test: setup
+	$(CPU_ENV) $(BIN)/python -m pytest -q $(ARGS)
+
+bench: setup
+	$(CPU_ENV) $(BIN)/python bench/attnres_op.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs outputs .pytest_cache

@@ -1,0 +1,188 @@
+"""megatron-core 0.16.1 on a machine without CUDA: the patches, in one place.
+
+`apply()` is called once, before any model is built, and only when `torch.cuda.is_available()`
+is False. Each patch names the megatron function it replaces and why (measured on a 2-core CPU box;
+see shared/spec/megatron_cpu.md). Nothing here changes numerics: it only moves allocations that
+megatron hard-codes to CUDA onto the CPU and removes CUDA-only synchronisation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import types
+
+import torch
+
+_APPLIED = False
+
+
+def needed() -> bool:
+    return not torch.cuda.is_available()
+
+
+def apply() -> None:
+    """Apply every CPU patch (idempotent). A no-op where CUDA exists."""
+    global _APPLIED
+    if _APPLIED or not needed():
+        return
+    # megatron's `jit_fuser` is torch.compile: on CPU inductor costs 5-19 s on the first step and
+    # is slower afterwards. It must be set before megatron modules are imported to take effect.
+    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    _patch_cuda_device_queries()
+    _patch_rng()
+    _patch_causal_mask()
+    _patch_transformer_engine_stand_ins()
+    _patch_alltoall_dispatcher()
+    _patch_schedules_zeros()
+    _APPLIED = True
+
+
+def _patch_cuda_device_queries() -> None:
+    # Many megatron allocations use device=torch.cuda.current_device() (GlobalMemoryBuffer,
+    # RotaryEmbedding.inv_freq, TopKRouter buffers, p2p receive buffers), and checkpointing /
+    # p2p call torch.cuda.synchronize(). Route both to the CPU.
+    torch.cuda.current_device = lambda: "cpu"
+    torch.cuda.synchronize = lambda *a, **k: None
+
+
+class _CPURNGStatesTracker:
+    """Replaces tensor_parallel.random.CudaRNGStatesTracker: same interface, CPU generator.
+
+    Megatron forks a named RNG stream around weight init and dropout; its tracker reads the CUDA
+    generator. Here each named stream is a saved CPU generator state.
+    """
+
+    def __init__(self, *args, **kwargs):
+        self.reset()
+
+    def is_initialized(self):
+        return self._is_initialized
+
+    def reset(self):
+        self._is_initialized = False
+        self.states_ = {}
+        self.seeds_ = set()
+
+    def get_states(self):
+        return dict(self.states_)
+
+    def set_states(self, states):
+        self._is_initialized = True
+        self.states_ = states
+
+    def add(self, name, seed):
+        self._is_initialized = True
+        if seed in self.seeds_:
+            raise Exception(f"seed {seed} already exists")
+        if name in self.states_:
+            raise Exception(f"rng state {name} already exists")
+        self.seeds_.add(seed)
+        orig = torch.get_rng_state()
+        torch.manual_seed(seed)
+        self.states_[name] = torch.get_rng_state()
+        torch.set_rng_state(orig)
+
+    @contextlib.contextmanager
+    def fork(self, name="model-parallel-rng"):
+        if name not in self.states_:
+            raise Exception(f"rng state {name} is not added")
+        orig = torch.get_rng_state()
+        torch.set_rng_state(self.states_[name])
+        try:
+            yield
+        finally:
+            self.states_[name] = torch.get_rng_state()
+            torch.set_rng_state(orig)
+
+
+def _patch_rng() -> None:
+    from megatron.core.tensor_parallel import random as mrandom
+
+    # initialize_rng_tracker() instantiates the module-global name CudaRNGStatesTracker.
+    mrandom.CudaRNGStatesTracker = _CPURNGStatesTracker
+    # Activation recomputation (CheckpointFunction) saves and restores the "cuda" RNG state via
+    # _get_cuda_rng_state/_set_cuda_rng_state -> torch.cuda.random.get_rng_state (raises on CPU).
+    # The CPU state is saved and restored separately by the same code, so a dummy is enough.
+    mrandom._get_cuda_rng_state = lambda *a, **k: torch.zeros(1, dtype=torch.uint8)
+    mrandom._set_cuda_rng_state = lambda *a, **k: None
+    # CheckpointWithoutOutput.__init__(fp8=False) sets self.fp8 = (fp8 is not None), i.e. True,
+    # and then queries TE's FP8GlobalStateManager (NameError without TE): a 0.16.1 bug.
+    cwo = mrandom.CheckpointWithoutOutput
+    orig_init = cwo.__init__
+
+    @functools.wraps(orig_init)
+    def init(self, fp8=False):
+        orig_init(self, fp8)
+        self.fp8 = bool(fp8)
+
+    cwo.__init__ = init
+
+
+def _patch_causal_mask() -> None:
+    # fusions/fused_softmax.py calls transformer.utils.get_default_causal_mask, which builds
+    # the mask with device="cuda", whenever attention_mask is None.
+    from megatron.core.fusions import fused_softmax
+
+    @functools.lru_cache(maxsize=32)
+    def causal_mask(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq, dtype=torch.bool), diagonal=1)
+
+    fused_softmax.get_default_causal_mask = causal_mask
+
+
+def _patch_transformer_engine_stand_ins() -> None:
+    # megatron.core.extensions.transformer_engine imports without TE by substituting MagicMock
+    # stand-ins, so `try: import TELinear; HAVE_TE = True` succeeds in modules that then call
+    # isinstance(x, TELinear) (MLASelfAttention.__init__ -> TypeError) or te_general_gemm
+    # (RouterGatingLinearFunction, moe_utils).
+    from megatron.core.transformer import multi_latent_attention
+    from megatron.core.transformer.moe import moe_utils
+
+    multi_latent_attention.HAVE_TE = False
+    moe_utils.te_general_gemm = None
+
+
+def _patch_alltoall_dispatcher() -> None:
+    # MoEAlltoAllTokenDispatcher creates a torch.cuda.Stream in __init__ and moves split sizes to
+    # host on it in _maybe_dtoh_and_synchronize. On CPU the only needed part is turning the split
+    # tensors into numpy arrays (all_to_all_single needs python-int splits).
+    from megatron.core.transformer.moe import token_dispatcher as td
+
+    cls = td.MoEAlltoAllTokenDispatcher
+    cls.cuda_dtoh_stream = object()
+
+    def dtoh(self, point, tokens_per_expert=None):
+        if not self.drop_and_pad and point == self.cuda_dtoh_point:
+            for name in ("input_splits", "output_splits", "output_splits_tp"):
+                value = getattr(self, name, None)
+                if isinstance(value, torch.Tensor):
+                    setattr(self, name, value.numpy())
+        return tokens_per_expert
+
+    cls._maybe_dtoh_and_synchronize = dtoh
+
+
+class _TorchOnCPU(types.ModuleType):
+    """`torch`, except zeros(device="cuda") allocates on the CPU."""
+
+    def __init__(self):
+        super().__init__("torch")
+
+    def __getattr__(self, name):
+        return getattr(torch, name)
+
+    @staticmethod
+    def zeros(*args, **kwargs):
+        if str(kwargs.get("device", "cpu")).startswith("cuda"):
+            kwargs["device"] = "cpu"
+        return torch.zeros(*args, **kwargs)
+
+
+def _patch_schedules_zeros() -> None:
+    # pipeline_parallel/schedules.py: every schedule does
+    # torch.zeros([], dtype=torch.int, device="cuda") for the token count, even with PP=1.
+    from megatron.core.pipeline_parallel import schedules
+
+    schedules.torch = _TorchOnCPU()

@@ -1,0 +1,84 @@
+"""Attention Residuals (AttnRes) core op, pure torch.
+
+Equations (Kimi Team, "Attention Residuals", Eqs. 2-4 and 6). Sublayer ``l`` replaces the residual
+sum with softmax attention over depth, per token, over k sources ``v_j`` of shape ``[..., D]``::
+
+    z_j  = (w_l * gamma_l) . RMSNorm(v_j)          RMSNorm(v) = v * rsqrt(mean(v**2) + eps)
+    a    = softmax_j(z)                            (no temperature)
+    h_l  = sum_j a_j v_j                           (values are the RAW sources)
+
+``w_l`` (pseudo-query) and ``gamma_l`` (the key RMSNorm gain, folded into the query since only
+the product matters) are ``[D]`` parameters. With ``w_l = 0`` the weights are uniform, i.e. the
+mean of the sources. Full AttnRes: sources are the embedding and every previous sublayer output.
+Block AttnRes: sources are ``[b_0 = embedding, b_1..b_{n-1} (completed block sums),
+b_n^i (partial sum of the current block, absent for its first sublayer)]``.
+
+Shapes: sources ``[..., D]`` (megatron: ``[S, B, D]``), query/gamma ``[D]``; the batched phase 1
+takes queries/gammas ``[S, D]`` and returns ``o: [S, ..., D]``, ``lse: [S, ...]`` (fp32 or fp64).
+
+Why keys are recomputed. Plain autograd saves the normalised keys, k·D extra numbers per token
+(as big as the sources themselves). The custom Functions in :mod:`.two_phase` save only the
+sources (which the model keeps alive anyway), the queries/gains and an fp32 lse per token and
+query, and recompute rstd and the logits in backward (one small GEMM per source).
+
+Two-phase idea (Algorithm 1). The queries do not depend on the input, so the S queries of a
+block can all attend over the completed blocks before the block runs: one batched pass
+(:func:`attnres_phase1`) reads each completed block once instead of S times and returns the
+normalised mix plus its log-sum-exp. Each sublayer then folds in the one source that did not
+exist yet, the block's running partial sum, with an online-softmax step
+(:func:`attnres_merge`): ``h = sigmoid(lse - z2) * o + (1 - sigmoid(lse - z2)) * partial``,
+which is exactly the softmax over all sources.
+
+Public API:
+    attnres_naive:  plain-autograd reference (ground truth for tests).
+    attnres_lean:   same contract, memory-lean custom backward.
+    attnres_phase1, attnres_merge: the two phases.
+    attnres(...):   dispatch by ``impl`` name.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+from torch import Tensor
+
+from .naive import attnres_naive, block_attnres_chain_naive
+from .two_phase import (
+    attnres_lean,
+    attnres_merge,
+    attnres_phase1,
+    block_attnres_chain_two_phase,
+)
+
+__all__ = [
+    "attnres",
+    "attnres_naive",
+    "attnres_lean",
+    "attnres_phase1",
+    "attnres_merge",
+    "block_attnres_chain_naive",
+    "block_attnres_chain_two_phase",
+    "IMPLS",
+]
+
+#: implementation name -> single-query op ``(sources, query, gamma, eps) -> [..., D]``
+IMPLS: dict[str, Callable[[Sequence[Tensor], Tensor, Tensor, float], Tensor]] = {
+    "torch": attnres_lean,
+    "naive": attnres_naive,
+}
+
+
+def attnres(
+    sources: Sequence[Tensor], query: Tensor, gamma: Tensor, eps: float, impl: str = "torch"
+) -> Tensor:
+    """One AttnRes mix: softmax over ``sources`` (each ``[..., D]``) with query/gamma ``[D]``.
+
+    ``impl="torch"`` uses the memory-lean custom Function, ``impl="naive"`` plain autograd.
+    """
+    try:
+        fn = IMPLS[impl]
+    except KeyError:
+        raise ValueError(
+            f"unknown AttnRes impl {impl!r}; valid: {', '.join(sorted(IMPLS))}"
+        ) from None
+    return fn(sources, query, gamma, eps)

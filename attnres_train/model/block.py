@@ -1,0 +1,154 @@
+"""The decoder block for AttnRes: carries (block summaries, partial sum) between sublayers.
+
+State convention (B = batch, S = sequence, D = hidden; megatron tensors are [S, B, D]):
+after `done` sublayers, `blocks` = [b_0 = embedding, b_1, ..., b_{done // bs}] (completed block
+sums) and `partial` = the running sum of the current block, or None when `done % bs == 0`.
+A block's partial becomes a completed block right after its last sublayer.
+
+Per AttnRes block the two-phase schedule runs once: phase 1 mixes all of the block's pseudo-queries
+over the completed blocks in one batched pass (fp32 running max / sum-exp); each sublayer then
+merges its intra-block partial sum with an online-softmax step (exact). When a block starts in an
+earlier pipeline stage, phase 1 covers the block's sublayers that live in this stage.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+from megatron.core import tensor_parallel
+from megatron.core.transformer.transformer_block import TransformerBlock
+from megatron.core.utils import make_viewless_tensor
+from torch import Tensor
+
+from attnres_train.model.attnres import attnres_merge, attnres_naive, attnres_phase1
+from attnres_train.model.sublayer import DepthQuery
+
+
+@dataclass
+class BlockState:
+    """blocks: [b_0, completed block sums...], each [S, B, D]; partial: [S, B, D] or None."""
+
+    blocks: list
+    partial: Optional[Tensor] = None
+
+    def sources(self) -> list:
+        return self.blocks + ([self.partial] if self.partial is not None else [])
+
+
+def state_layout(done: int, block_size: int) -> tuple[int, bool]:
+    """(number of blocks incl. the embedding, whether a partial sum exists) after `done` sublayers."""
+    return 1 + done // block_size, done % block_size != 0
+
+
+class AttnResTransformerBlock(TransformerBlock):
+    """megatron TransformerBlock whose layers mix their inputs with Block AttnRes.
+
+    Layers must be `AttnResTransformerLayer`s. On the stage with the final norm, one more
+    AttnRes aggregate over all sources (`final_res`) feeds the final RMSNorm and the LM head.
+    Between pipeline stages the state travels packed as [k·S, B, D] (blocks, then the partial).
+    """
+
+    def __init__(self, config, spec, *, block_size: int, impl: str = "two_phase", **kwargs):
+        super().__init__(config, spec, **kwargs)
+        if impl not in ("two_phase", "naive"):
+            raise ValueError(f"AttnRes impl {impl!r}: use 'two_phase' or 'naive'")
+        self.block_size = block_size
+        self.impl = impl
+        self.final_res = DepthQuery(config) if self.final_layernorm is not None else None
+
+    # -- state <-> one pipeline tensor ------------------------------------------------------
+    def first_sublayer(self) -> int:
+        """Global index of this chunk's first sublayer (2 per layer)."""
+        if len(self.layers) == 0:
+            raise ValueError("an AttnRes pipeline chunk needs at least one layer")
+        return 2 * (self.layers[0].layer_number - 1)
+
+    def unpack(self, packed: Tensor) -> BlockState:
+        n_blocks, has_partial = state_layout(self.first_sublayer(), self.block_size)
+        parts = list(packed.chunk(n_blocks + has_partial, dim=0))
+        return BlockState(parts[:n_blocks], parts[n_blocks] if has_partial else None)
+
+    @staticmethod
+    def pack(state: BlockState) -> Tensor:
+        return torch.cat(state.sources(), dim=0)
+
+    # -- forward ------------------------------------------------------------------------------
+    def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
+                rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
+                rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
+                packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
+        """hidden_states: the embedding [S, B, D] on the first stage (else the packed state).
+
+        Returns the final-normed hidden states [S, B, D] on the last stage, else the packed state.
+        """
+        if inference_context is not None:
+            raise NotImplementedError("AttnRes inference with a KV/state cache is not supported yet")
+        if self.pre_process:
+            hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
+            state = BlockState([hidden_states])
+        else:
+            state = self.unpack(self.input_tensor)
+        attn_kwargs = dict(
+            attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
+            rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
+            attention_bias=attention_bias, packed_seq_params=packed_seq_params,
+            sequence_len_offset=sequence_len_offset, padding_mask=padding_mask,
+        )
+        rng = tensor_parallel.get_cuda_rng_tracker().fork() if self.config.sequence_parallel else nullcontext()
+        with rng:
+            state = self.run_layers(state, list(self.layers), attn_kwargs, padding_mask)
+        if self.final_layernorm is None:
+            return make_viewless_tensor(self.pack(state), requires_grad=True, keep_graph=True)
+        q = self.final_res
+        h = attnres_naive(state.sources(), q.query, q.key_norm_weight, q.eps) if self.impl == "naive" \
+            else self._mix_all(state, q)
+        h = self.final_layernorm(h)
+        return make_viewless_tensor(h, requires_grad=True, keep_graph=True)
+
+    @staticmethod
+    def _mix_all(state: BlockState, q: DepthQuery) -> Tensor:
+        o, lse = attnres_phase1(state.blocks, q.query[None], q.key_norm_weight[None], q.eps)
+        if state.partial is None:
+            return o[0]
+        return attnres_merge(o[0], lse[0], state.partial, q.query, q.key_norm_weight, q.eps)
+
+    def run_layers(self, state: BlockState, layers: list, attn_kwargs: dict, padding_mask=None) -> BlockState:
+        """Run the attention and FFN sublayers of `layers` in order, updating the AttnRes state."""
+        sublayers = [(layer, kind) for layer in layers for kind in (0, 1)]
+        bs = self.block_size
+        blocks, partial = list(state.blocks), state.partial
+        i = 0
+        while i < len(sublayers):
+            first = 2 * (sublayers[i][0].layer_number - 1) + sublayers[i][1]
+            # The group: this stage's remaining sublayers of the AttnRes block containing `first`.
+            n = min(bs - first % bs, len(sublayers) - i)
+            group = sublayers[i:i + n]
+            queries = [layer.attn_res if kind == 0 else layer.mlp_res for layer, kind in group]
+            if self.impl == "two_phase":
+                o, lse = attnres_phase1(
+                    blocks,
+                    torch.stack([q.query for q in queries]),
+                    torch.stack([q.key_norm_weight for q in queries]),
+                    queries[0].eps,
+                )
+            for j, ((layer, kind), q) in enumerate(zip(group, queries)):
+                if self.impl == "naive":
+                    h = attnres_naive(blocks + ([partial] if partial is not None else []),
+                                      q.query, q.key_norm_weight, q.eps)
+                elif partial is None:
+                    h = o[j]
+                else:
+                    h = attnres_merge(o[j], lse[j], partial, q.query, q.key_norm_weight, q.eps)
+                if kind == 0:
+                    out = layer.attention_sublayer(h, **attn_kwargs)
+                else:
+                    out = layer.ffn_sublayer(h, padding_mask=padding_mask)
+                partial = out if partial is None else partial + out
+            if (first + n) % bs == 0:  # the block ended inside this stage
+                blocks.append(partial)
+                partial = None
+            i += n
+        return BlockState(blocks, partial)
