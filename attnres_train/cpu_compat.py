@@ -36,6 +36,7 @@ def apply() -> None:
     _patch_transformer_engine_stand_ins()
     _patch_alltoall_dispatcher()
     _patch_schedules_zeros()
+    _patch_optimizer()
     _APPLIED = True
 
 
@@ -186,3 +187,48 @@ def _patch_schedules_zeros() -> None:
     from megatron.core.pipeline_parallel import schedules
 
     schedules.torch = _TorchOnCPU()
+
+
+class CudaToCpuMode(torch.overrides.TorchFunctionMode):
+    """Inside megatron's optimizer code only: device="cuda" -> cpu, Tensor.cuda() -> self, and
+    Tensor.type() reports "torch.cuda.*Tensor" so type assertions on CUDA params pass.
+
+    megatron/core/optimizer (optimizer.py, clip_grads.py, distrib_optimizer.py) is full of
+    device='cuda' literals and `param.type() == 'torch.cuda.FloatTensor'` checks. Enabling this
+    mode globally costs about a third of the step time, so it wraps only the optimizer's entry points.
+    """
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        dev = kwargs.get("device")
+        if dev is not None and (isinstance(dev, int) or str(dev).startswith("cuda")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name.replace("torch.", "torch.cuda.", 1) if not name.startswith("torch.cuda.") else name
+        return func(*args, **kwargs)
+
+
+def _in_cpu_mode(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with CudaToCpuMode():
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+def _patch_optimizer() -> None:
+    import megatron.core.optimizer as mopt
+    from megatron.core.optimizer import distrib_optimizer, optimizer
+
+    mopt.get_megatron_optimizer = _in_cpu_mode(mopt.get_megatron_optimizer)
+    classes = [optimizer.MegatronOptimizer, optimizer.MixedPrecisionOptimizer, optimizer.FP32Optimizer,
+               optimizer.Float16OptimizerWithFloat16Params, optimizer.ChainedOptimizer,
+               distrib_optimizer.DistributedOptimizer]
+    for cls in classes:
+        for name in ("__init__", "step", "load_state_dict", "sharded_state_dict"):
+            if name in vars(cls):
+                setattr(cls, name, _in_cpu_mode(vars(cls)[name]))

@@ -1,28 +1,169 @@
-"""`attnres-train`: the hydra entry point.
+"""`attnres-train`: the hydra entry point (validate -> build -> train -> close).
 
-    attnres-train model=kimi_linear_48b_a3b train.dry_run=true   # counts + plan.json, seconds
-    attnres-train model=tiny model.residual=standard ...          # the baseline twin
+    attnres-train                                                  # tiny model, bundled corpus
+    attnres-train model.residual=standard                          # the baseline twin
+    attnres-train model=kimi_linear_48b_a3b train.dry_run=true     # counts + plan.json, seconds
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import time
 from pathlib import Path
 
 import hydra
+import torch
 from omegaconf import DictConfig, OmegaConf
 
 from attnres_train import cpu_compat
-from attnres_train.config import register_configs, validate_config
+from attnres_train.config import ConfigError, register_configs, validate_config
 
 CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
 
 register_configs()
 
 
-def run(cfg, run_dir: Path) -> None:
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def train(cfg, run_dir: Path) -> dict:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from attnres_train import checkpoint
+    from attnres_train.config.validate import validate_vocab
+    from attnres_train.data import build_datasets
+    from attnres_train.data.loader import MicroBatches
+    from attnres_train.diagnostics import Diagnostics
+    from attnres_train.logging import RunLogger, device_peak_flops, model_flops_per_token
+    from attnres_train.model.counting import count_parameters
+    from attnres_train.model.model import build_model
+    from attnres_train.optim import build_optimizer, build_scheduler
+    from attnres_train.step import evaluate, train_step
+
+    t, m = cfg.train, cfg.model
+    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    if t.global_batch_size % (t.micro_batch_size * dp):
+        raise ConfigError("train.global_batch_size", t.global_batch_size,
+                          f"must be divisible by train.micro_batch_size x data-parallel size = "
+                          f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}")
+    num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    dtype = resolve_dtype(t.dtype)
+    torch.manual_seed(t.seed)
+    model_parallel_cuda_manual_seed(t.seed)
+
+    train_ds, valid_ds, tokenizer = build_datasets(
+        cfg.data, seq_length=m.seq_length, seed=t.seed,
+        train_samples=t.steps * t.global_batch_size, valid_samples=None)
+    validate_vocab(m.vocab_size, tokenizer.vocab_size)
+
+    model = build_model(m, cfg.parallel, params_dtype=dtype)
+    counts = count_parameters(model, m)
+    if torch.cuda.is_available():
+        model.cuda()
+    ddp = DistributedDataParallel(
+        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                    use_distributed_optimizer=dp > 1), model)
+    chunks = [ddp]
+    model.config.finalize_model_grads_func = finalize_model_grads
+    model.config.no_sync_func = ddp.no_sync
+    optimizer = build_optimizer(t, chunks, params_dtype=dtype, dp_size=dp)
+    scheduler = build_scheduler(t, optimizer)
+
+    ckpt_root = run_dir / "checkpoints"
+    meta = None
+    if t.resume == "auto":
+        meta = checkpoint.load_latest(ckpt_root, chunks, optimizer, scheduler, m,
+                                      log=print if rank == 0 else (lambda *_: None))
+    elif t.resume != "none":
+        meta = checkpoint.load(Path(t.resume), chunks, optimizer, scheduler, m)
+    start = meta["step"] if meta else 0
+
+    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+    logger = RunLogger(run_dir, cfg, total_steps=t.steps, enabled=rank == 0, resolved_config=resolved)
+    if rank == 0:
+        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        print(f"model {m.name} residual={m.residual}: {counts['params_total']:,} params "
+              f"({counts['params_active']:,} active); {len(train_ds):,} train / {len(valid_ds):,} valid "
+              f"samples of {m.seq_length} tokens; run dir {run_dir}"
+              + (f"; resumed from step {start}" if start else ""), flush=True)
+    embed = counts["table"].get("embedding", (0, 0))[0]
+    flops_per_token = model_flops_per_token(m, counts["params_active"] - embed)
+    peak = device_peak_flops()
+    batches = MicroBatches(train_ds, micro_batch_size=t.micro_batch_size, num_micro=num_micro,
+                           dp_rank=dp_rank, dp_size=dp)
+    valid_batches = MicroBatches(valid_ds, micro_batch_size=t.micro_batch_size, num_micro=0,
+                                 dp_rank=dp_rank, dp_size=dp)
+    tokens_per_step = t.global_batch_size * m.seq_length
+    diag = Diagnostics(model, run_dir) if cfg.logging.diag_interval and rank == 0 else None
+    logger.set_start(start)
+    val_loss, best_val, step_times = None, float("inf"), []
+
+    def run_eval() -> float:
+        return evaluate(chunks, valid_batches.eval_batches(t.eval_batches), seq_length=m.seq_length,
+                        micro_batch_size=t.micro_batch_size)
+
+    for step in range(start, t.steps):
+        done = step + 1
+        diag_step = diag is not None and (done % cfg.logging.diag_interval == 0 or done == t.steps)
+        if diag_step:
+            diag.start()
+        tic = time.perf_counter()
+        out = train_step(chunks, optimizer, scheduler, batches.for_step(step),
+                         seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
+        step_times.append(time.perf_counter() - tic)
+        if diag_step:
+            diag.finish(done)
+        record = {}
+        if done % cfg.logging.log_interval == 0 or done == t.steps or done == start + 1:
+            dt = sum(step_times) / len(step_times)
+            step_times = []
+            record.update(loss=out["loss"], lr=optimizer.param_groups[0]["lr"], grad_norm=out["grad_norm"],
+                          tokens=done * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
+                          mfu=flops_per_token * tokens_per_step / dt / (peak * dist.get_world_size()))
+        if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
+            val_loss = run_eval()
+            best_val = min(best_val, val_loss)
+            record["val_loss"] = val_loss
+        if record:
+            logger.log(done, record)
+        if (t.save_interval and done % t.save_interval == 0) or done == t.steps:
+            checkpoint.save(ckpt_root, done, chunks, optimizer, scheduler, model_cfg=m,
+                            consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
+    summary = {"steps": t.steps, "final_val_loss": val_loss, "best_val_loss": best_val,
+               "params_total": counts["params_total"], "params_active": counts["params_active"],
+               "peak_memory_bytes": peak_memory_bytes()}
+    if rank == 0:
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
+        summary["tokens_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else None
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: final val_loss {val_loss:.4f} (best {best_val:.4f}); summary in {run_dir / 'summary.json'}")
+    logger.close()
+    return summary
+
+
+def peak_memory_bytes() -> int:
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def run(cfg, run_dir: Path):
     validate_config(cfg)
     cpu_compat.apply()
+    # megatron logs every bucket's parameter list and its full config at INFO
+    logging.getLogger("megatron").setLevel(logging.WARNING)
     from parallel.groups import destroy_distributed, init_distributed
 
     init_distributed(cfg.parallel)
@@ -30,11 +171,9 @@ def run(cfg, run_dir: Path) -> None:
         if cfg.train.dry_run:
             from attnres_train.plan import dry_run
 
-            dry_run(cfg, run_dir)
-        else:
-            raise SystemExit(
-                "training is not available yet in this build: use train.dry_run=true"
-            )
+            return dry_run(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return train(cfg, run_dir)
     finally:
         destroy_distributed()
 
@@ -48,8 +187,6 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    import torch
-
     if not torch.cuda.is_available():
         # Before any megatron import: its jit_fuser (torch.compile) is slower than eager on CPU.
         os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")

@@ -3,6 +3,7 @@
 from attnres_train.config.schema import (
     AttnResConfig,
     Config,
+    DataConfig,
     KDAConfig,
     MLAConfig,
     ModelConfig,
@@ -14,6 +15,6 @@ from attnres_train.config.schema import (
 from attnres_train.config.validate import ConfigError, validate_config, validate_model
 
 __all__ = [
-    "AttnResConfig", "Config", "ConfigError", "KDAConfig", "MLAConfig", "ModelConfig", "MoEConfig",
+    "AttnResConfig", "Config", "ConfigError", "DataConfig", "KDAConfig", "MLAConfig", "ModelConfig", "MoEConfig",
     "ParallelConfig", "TrainConfig", "register_configs", "validate_config", "validate_model",
 ]

@@ -7,7 +7,7 @@ extend it through their defaults list, so an unknown key is an error (struct mod
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import List, Optional
 
 RESIDUAL_MODES = ("standard", "full", "block")
 
@@ -83,20 +83,68 @@ class ParallelConfig:
 
 
 @dataclass
+class DataConfig:
+    # Text (.txt: blank-line-separated documents), jsonl (one {"text": ...} per line) or prebuilt
+    # megatron prefixes (PREFIX.bin + PREFIX.idx). Empty: the bundled tinyshakespeare corpus.
+    paths: List[str] = field(default_factory=list)
+    weights: Optional[List[float]] = None  # blend weights, one per path (default: equal)
+    valid_paths: List[str] = field(default_factory=list)  # prebuilt prefixes only
+    valid_fraction: float = 0.1  # text/jsonl: the last fraction (lines / records) is validation
+    tokenizer: Optional[str] = None  # a tokenizer.json; None: train a byte-level BPE
+    vocab_size: int = 4096  # of the BPE trained when data.tokenizer is None
+    cache_dir: str = ".cache/data"
+
+
+@dataclass
 class TrainConfig:
     seed: int = 1234
     # Build the model on the meta device, print the parameter table, write plan.json, exit.
     dry_run: bool = False
-    micro_batch_size: int = 4
     steps: int = 100
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU
+    micro_batch_size: int = 8
+    global_batch_size: int = 32  # = micro_batch_size x data-parallel size x accumulation steps
+    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | fp32 | bf16
+    # AdamW with warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
+    lr: float = 3e-3
+    min_lr: float = 3e-4
+    warmup_steps: int = 50
+    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    wsd_decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
+    weight_decay: float = 0.1
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    eval_interval: int = 100  # steps between validation passes (and one at the end)
+    eval_batches: int = 0  # micro-batches per validation pass; 0: the whole valid split
+    save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    keep_last: int = 2
+    resume: str = "auto"  # auto: latest good checkpoint in the run dir | none | PATH
+
+
+@dataclass
+class WandbConfig:
+    enabled: bool = True
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "attnres-train"
+    entity: Optional[str] = None
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    diag_interval: int = 50  # AttnRes/residual diagnostics (0: off)
+    tensorboard: bool = True
+    wandb: WandbConfig = field(default_factory=WandbConfig)
 
 
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
 def register_configs() -> None:
@@ -106,4 +154,6 @@ def register_configs() -> None:
     cs.store(name="base_config", node=Config)
     cs.store(group="model", name="base_model", node=ModelConfig)
     cs.store(group="parallel", name="base_parallel", node=ParallelConfig)
+    cs.store(group="data", name="base_data", node=DataConfig)
     cs.store(group="train", name="base_train", node=TrainConfig)
+    cs.store(group="logging", name="base_logging", node=LoggingConfig)

@@ -58,6 +58,9 @@ class AttnResTransformerBlock(TransformerBlock):
         self.block_size = block_size
         self.impl = impl
         self.final_res = DepthQuery(config) if self.final_layernorm is not None else None
+        # Optional observer, called as hook(sublayer_index, sources, depth_query) before each mix
+        # (index 2·num_layers is the final aggregate); diagnostics use it for depth-weight maps.
+        self.mix_observer = None
 
     # -- state <-> one pipeline tensor ------------------------------------------------------
     def first_sublayer(self) -> int:
@@ -103,6 +106,8 @@ class AttnResTransformerBlock(TransformerBlock):
         if self.final_layernorm is None:
             return make_viewless_tensor(self.pack(state), requires_grad=True, keep_graph=True)
         q = self.final_res
+        if self.mix_observer is not None:
+            self.mix_observer(2 * self.config.num_layers, state.sources(), q)
         h = attnres_naive(state.sources(), q.query, q.key_norm_weight, q.eps) if self.impl == "naive" \
             else self._mix_all(state, q)
         h = self.final_layernorm(h)
@@ -135,6 +140,8 @@ class AttnResTransformerBlock(TransformerBlock):
                     queries[0].eps,
                 )
             for j, ((layer, kind), q) in enumerate(zip(group, queries)):
+                if self.mix_observer is not None:
+                    self.mix_observer(first + j, blocks + ([partial] if partial is not None else []), q)
                 if self.impl == "naive":
                     h = attnres_naive(blocks + ([partial] if partial is not None else []),
                                       q.query, q.key_norm_weight, q.eps)

@@ -324,7 +324,9 @@ def block_attnres_chain_two_phase(
             if partial is None:
                 hidden = outs[i]
             else:
-                hidden = attnres_merge(outs[i], lses[i], partial, queries[layer], gammas[layer], eps)
+                hidden = attnres_merge(
+                    outs[i], lses[i], partial, queries[layer], gammas[layer], eps
+                )
             inputs.append(hidden)
             sub_out = sublayer_fns[layer](hidden)
             partial = sub_out if partial is None else partial + sub_out
