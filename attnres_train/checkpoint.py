@@ -130,9 +130,10 @@ def load_latest(ckpt_root: Path, model_chunks, optimizer, scheduler, model_cfg, 
     for path in reversed(candidates):
         try:
             return load(path, model_chunks, optimizer, scheduler, model_cfg)
-        except ConfigError:
+        except (ConfigError, KeyboardInterrupt, SystemExit):
             raise
-        except Exception as exc:  # corrupt or incomplete: name it and try the previous one
+        # torch.distributed.checkpoint's CheckpointException derives from BaseException
+        except BaseException as exc:  # corrupt or incomplete: name it and try the previous one
             errors.append(f"{path}: {type(exc).__name__}: {exc}")
             log(f"checkpoint {path} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]}); "
                 "falling back to the previous checkpoint")

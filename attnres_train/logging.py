@@ -80,8 +80,16 @@ class RunLogger:
                                     name=run_dir.name, resume="allow")
 
     def set_start(self, step: int) -> None:
+        """Training (re)starts after `step`: drop records a killed run logged past its checkpoint."""
         self.start_step = step
         self.start = time.time()
+        if self.enabled:
+            path = self.run_dir / "metrics.jsonl"
+            keep = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            self.metrics.close()
+            path.write_text("".join(line + "\n" for line in keep))
+            self.metrics = open(path, "a")
 
     def log(self, step: int, record: dict, *, console: bool = True) -> None:
         if not self.enabled:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -86,6 +88,11 @@ def train(cfg, run_dir: Path) -> dict:
     elif t.resume != "none":
         meta = checkpoint.load(Path(t.resume), chunks, optimizer, scheduler, m)
     start = meta["step"] if meta else 0
+    if start >= t.steps:
+        if rank == 0:
+            print(f"{run_dir} already holds a checkpoint at step {start} >= train.steps={t.steps}: nothing "
+                  "to train. Raise train.steps to continue it, or pick a new hydra.run.dir.")
+        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = RunLogger(run_dir, cfg, total_steps=t.steps, enabled=rank == 0, resolved_config=resolved)
@@ -140,7 +147,7 @@ def train(cfg, run_dir: Path) -> dict:
                             consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
     summary = {"steps": t.steps, "final_val_loss": val_loss, "best_val_loss": best_val,
                "params_total": counts["params_total"], "params_active": counts["params_active"],
-               "peak_memory_bytes": peak_memory_bytes()}
+               "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(model)}
     if rank == 0:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
@@ -151,6 +158,17 @@ def train(cfg, run_dir: Path) -> dict:
     return summary
 
 
+def weights_sha256(model) -> str:
+    """Hash of this rank's parameters (bitwise): resume tests compare it with an unbroken run."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, p in sorted(model.named_parameters()):
+        h.update(name.encode())
+        h.update(p.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
@@ -159,11 +177,19 @@ def peak_memory_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def quiet_third_party() -> None:
+    """megatron logs every bucket's parameter list and its config at INFO, and warns at import
+    about optional packages (TE, Apex) whose absence the CPU path expects."""
+    logging.getLogger("megatron").setLevel(logging.WARNING)
+    for pattern in (r".*(Transformer Engine|Apex).* not installed.*", r".*full scope is deprecated.*",
+                    r".*ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
 def run(cfg, run_dir: Path):
     validate_config(cfg)
+    quiet_third_party()
     cpu_compat.apply()
-    # megatron logs every bucket's parameter list and its full config at INFO
-    logging.getLogger("megatron").setLevel(logging.WARNING)
     from parallel.groups import destroy_distributed, init_distributed
 
     init_distributed(cfg.parallel)
@@ -183,7 +209,11 @@ def _hydra_main(cfg: DictConfig) -> None:
     from hydra.core.hydra_config import HydraConfig
 
     typed = OmegaConf.to_object(cfg)  # dataclass instances, validated types
-    run(typed, Path(HydraConfig.get().runtime.output_dir))
+    try:
+        run(typed, Path(HydraConfig.get().runtime.output_dir))
+    except ConfigError as exc:  # a user mistake: one clear line, no traceback
+        print(f"attnres-train: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
 
 
 def main() -> None:

@@ -1,0 +1,102 @@
+"""The trainer end to end on the bundled corpus (subprocess, CPU, gloo).
+
+References: an unbroken run (resume), a single-process run with the same global batch (DP=2).
+"""
+
+from __future__ import annotations
+
+import math
+import shutil
+
+import pytest
+
+from tests.e2e.conftest import losses, metrics, summary
+
+pytestmark = pytest.mark.slow
+
+
+def test_loss_decreases_and_outputs_exist(cli, tmp_path):
+    run = tmp_path / "run"
+    proc = cli(run, "logging.diag_interval=3", "logging.tensorboard=true")
+    m = metrics(run)
+    assert [r["step"] for r in m if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    for key in ("step", "loss", "lr", "grad_norm", "tokens", "tokens_per_s"):
+        assert all(key in r for r in m if "loss" in r), key
+    vals = [r["val_loss"] for r in m if "val_loss" in r]
+    assert len(vals) == 2 and vals[1] < vals[0] < math.log(4096) + 0.5
+    assert (run / "config.yaml").is_file() and (run / "summary.json").is_file()
+    assert sorted(p.name for p in (run / "diagnostics").glob("*.png")) == ["step_0000003.png", "step_0000006.png"]
+    assert any((run / "tensorboard").iterdir())
+    assert "step 6/6" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
+
+
+def test_resume_is_bit_exact(cli, tmp_path):
+    """Stopped after the step-3 checkpoint and resumed == unbroken, bit for bit (CPU, fp32)."""
+    unbroken, broken = tmp_path / "unbroken", tmp_path / "broken"
+    cli(unbroken, "train.save_interval=3")
+    cli(broken, "train.save_interval=3")
+    # simulate a run killed between the step-3 and step-6 checkpoints
+    shutil.rmtree(broken / "checkpoints" / "step_0000006")
+    (broken / "summary.json").unlink()
+    proc = cli(broken, "train.save_interval=3")
+    assert "resumed from step 3" in proc.stdout
+    assert losses(broken) == losses(unbroken)
+    assert [r["step"] for r in metrics(broken) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    assert summary(broken)["weights_sha256"] == summary(unbroken)["weights_sha256"]
+    assert summary(broken)["final_val_loss"] == summary(unbroken)["final_val_loss"]
+
+
+def test_corrupt_and_partial_checkpoints_fall_back(cli, tmp_path):
+    run = tmp_path / "run"
+    cli(run, "train.save_interval=2", "train.keep_last=3")
+    ckpts = run / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step_0000002", "step_0000004", "step_0000006"]
+    # a save that was killed midway, and a corrupt newest checkpoint
+    (ckpts / ".tmp-step_0000008").mkdir()
+    for f in (ckpts / "step_0000006").glob("*.distcp"):
+        f.write_bytes(b"garbage")
+    proc = cli(run, "train.save_interval=2", "train.keep_last=3", "train.steps=8")
+    out = proc.stdout + proc.stderr
+    assert "ignoring incomplete checkpoint" in out and ".tmp-step_0000008" in out
+    assert "step_0000006 cannot be loaded" in out and "falling back" in out
+    assert "resumed from step 4" in out
+    assert (ckpts / "step_0000008").is_dir()
+
+
+def test_resume_with_different_model_shape_is_an_error(cli, tmp_path):
+    run = tmp_path / "run"
+    cli(run, "train.steps=2", "train.eval_interval=0")
+    proc = cli(run, "train.steps=4", "model.hidden_size=64", check=False)
+    assert proc.returncode != 0
+    assert "model.hidden_size=64" in proc.stderr and "different model shape" in proc.stderr
+    assert (run / "checkpoints" / "step_0000002").is_dir()  # nothing already written is lost
+
+
+def test_data_parallel_2_matches_1(cli, tmp_path):
+    """torchrun with 2 gloo ranks (distributed optimizer) == 1 process, same global batch.
+
+    Tolerance: 2e-5 relative per step (fp32; DP changes the order of the gradient reduction)."""
+    one, two = tmp_path / "dp1", tmp_path / "dp2"
+    cli(one)
+    cli(two, nproc=2)
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert abs(a[step] - b[step]) <= 2e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["train.global_batch_size=10"], "train.global_batch_size=10: must be divisible by train.micro_batch_size"),
+    (["parallel.tp=2"], "world size 1 is not divisible by tp\\*pp=2"),
+    (["model.seq_length=100000"], "model.seq_length"),
+    (["data.paths=[/nonexistent/corpus.txt]"], "data.paths"),
+    (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer"),
+    (["model.vocab_size=256"], "model.vocab_size=256.*tokenizer has 4096"),
+])
+def test_bad_input_fails_early_with_clear_error(cli, tmp_path, overrides, match):
+    import re
+
+    proc = cli(tmp_path / "run", *overrides, check=False)
+    assert proc.returncode != 0
+    assert re.search(match, proc.stderr), proc.stderr[-2000:]
+    assert not (tmp_path / "run" / "checkpoints").exists()
