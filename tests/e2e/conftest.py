@@ -13,7 +13,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 # Small and fast: tiny model, few steps, small batches, a capped validation pass.
-FAST = ["model.layer_pattern=MMMM", "train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=2",
+FAST = ["train.steps=6", "train.global_batch_size=8", "train.micro_batch_size=4", "train.warmup_steps=2",
         "train.eval_interval=3", "train.eval_batches=4", "logging.log_interval=1",
         "logging.diag_interval=0", "logging.wandb.enabled=false", "logging.tensorboard=false"]
 

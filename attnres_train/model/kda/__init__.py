@@ -1,0 +1,88 @@
+"""Kimi Delta Attention (KDA): reference recurrence, chunked pure-torch form, fla adapter, layer.
+
+``kda(q, k, v, g, beta, ...)`` dispatches between the implementations; see each module for the
+math (kimi_linear.md §2) and the numerics.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from attnres_train.model.kda.chunk import kda_chunk
+from attnres_train.model.kda.fla import fla_available, kda_fla
+from attnres_train.model.kda.naive import kda_recurrent
+
+IMPLS = ("auto", "chunk", "recurrent", "fla")
+
+
+def resolve_impl(impl: str, device: torch.device, chunk_size: int) -> str:
+    """The concrete implementation ``impl`` stands for on ``device`` ("chunk"/"recurrent"/"fla").
+
+    "auto" picks fla when its kernel is usable (CUDA tensors, fla importable, chunk_size 32 or
+    64), else the pure-torch chunked form.  Raises ValueError for an unknown name and
+    RuntimeError for "fla" where fla cannot run.
+    """
+    if impl not in IMPLS:
+        raise ValueError(f"unknown KDA impl {impl!r}; valid: {', '.join(IMPLS)}")
+    if impl == "auto":
+        if device.type == "cuda" and chunk_size in (32, 64) and fla_available():
+            return "fla"
+        return "chunk"
+    if impl == "fla" and not fla_available():
+        raise RuntimeError(
+            "impl='fla' needs CUDA and an importable fla.ops.kda "
+            "(pip install flash-linear-attention); use impl='chunk' or 'auto'"
+        )
+    return impl
+
+
+def kda(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    g: torch.Tensor,
+    beta: torch.Tensor,
+    scale: Optional[float] = None,
+    initial_state: Optional[torch.Tensor] = None,
+    output_final_state: bool = False,
+    chunk_size: int = 64,
+    impl: str = "auto",
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """KDA core: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]``,
+    initial_state ``[B, H, K, V]`` -> ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
+
+    q/k are expected l2-normalised, g activated (log-decay <= 0), beta sigmoided.
+    ``impl`` in {"auto", "chunk", "recurrent", "fla"} (see :func:`resolve_impl`).
+    """
+    which = resolve_impl(impl, q.device, chunk_size)
+    if which == "fla":
+        return kda_fla(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+    if which == "recurrent":
+        return kda_recurrent(q, k, v, g, beta, scale, initial_state, output_final_state)
+    return kda_chunk(q, k, v, g, beta, scale, initial_state, output_final_state, chunk_size)
+
+
+
+def __getattr__(name: str):
+    # the megatron layer is imported lazily: importing megatron costs seconds and the kernels
+    # above do not need it
+    if name in ("KimiDeltaAttention", "kda_param_count"):
+        from attnres_train.model.kda import layer
+
+        return getattr(layer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = [
+    "IMPLS",
+    "KimiDeltaAttention",
+    "fla_available",
+    "kda",
+    "kda_chunk",
+    "kda_fla",
+    "kda_param_count",
+    "kda_recurrent",
+    "resolve_impl",
+]
