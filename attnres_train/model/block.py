@@ -61,6 +61,12 @@ class AttnResTransformerBlock(TransformerBlock):
         # Optional observer, called as hook(sublayer_index, sources, depth_query) before each mix
         # (index 2·num_layers is the final aggregate); diagnostics use it for depth-weight maps.
         self.mix_observer = None
+        # Pipeline hand-over without packing: a runtime that assembles the input state itself
+        # (from received payloads and its cache) sets `input_state`; with `export_state` the
+        # output state of a non-final chunk is left in `output_state` for it to ship.
+        self.input_state: Optional[BlockState] = None
+        self.export_state = False
+        self.output_state: Optional[BlockState] = None
 
     # -- state <-> one pipeline tensor ------------------------------------------------------
     def first_sublayer(self) -> int:
@@ -92,6 +98,8 @@ class AttnResTransformerBlock(TransformerBlock):
         if self.pre_process:
             hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
             state = BlockState([hidden_states])
+        elif self.input_state is not None:
+            state, self.input_state = self.input_state, None
         else:
             state = self.unpack(self.input_tensor)
         attn_kwargs = dict(
@@ -104,6 +112,9 @@ class AttnResTransformerBlock(TransformerBlock):
         with rng:
             state = self.run_layers(state, list(self.layers), attn_kwargs, padding_mask)
         if self.final_layernorm is None:
+            if self.export_state:
+                self.output_state = state
+                return state.sources()[-1]  # the runtime ships output_state, not this
             return make_viewless_tensor(self.pack(state), requires_grad=True, keep_graph=True)
         q = self.final_res
         if self.mix_observer is not None:
@@ -120,6 +131,15 @@ class AttnResTransformerBlock(TransformerBlock):
             return o[0]
         return attnres_merge(o[0], lse[0], state.partial, q.query, q.key_norm_weight, q.eps)
 
+    @staticmethod
+    def _query_rows(vectors: list, rows: list, bs: int) -> Tensor:
+        """[bs, D]: vectors[j] in row rows[j], zeros elsewhere (zero rows contribute exact zeros)."""
+        stacked = torch.stack(vectors)
+        if len(rows) == bs:
+            return stacked
+        padded = stacked.new_zeros(bs, stacked.shape[-1])
+        return padded.index_copy(0, torch.tensor(rows, device=stacked.device), stacked)
+
     def run_layers(self, state: BlockState, layers: list, attn_kwargs: dict, padding_mask=None) -> BlockState:
         """Run the attention and FFN sublayers of `layers` in order, updating the AttnRes state."""
         sublayers = [(layer, kind) for layer in layers for kind in (0, 1)]
@@ -133,12 +153,17 @@ class AttnResTransformerBlock(TransformerBlock):
             group = sublayers[i:i + n]
             queries = [layer.attn_res if kind == 0 else layer.mlp_res for layer, kind in group]
             if self.impl == "two_phase":
+                # Sublayer l's pseudo-query sits in row l % bs of a [bs, D] batch, whatever part of
+                # the block this stage holds: the batched GEMM then computes every row exactly as
+                # the unsplit model does, so pipeline stages agree with it bit for bit.
+                rows = [(first + j) % bs for j in range(n)]
                 o, lse = attnres_phase1(
                     blocks,
-                    torch.stack([q.query for q in queries]),
-                    torch.stack([q.key_norm_weight for q in queries]),
+                    self._query_rows([q.query for q in queries], rows, bs),
+                    self._query_rows([q.key_norm_weight for q in queries], rows, bs),
                     queries[0].eps,
                 )
+                o, lse = o[rows[0]:rows[0] + n], lse[rows[0]:rows[0] + n]
             for j, ((layer, kind), q) in enumerate(zip(group, queries)):
                 if self.mix_observer is not None:
                     self.mix_observer(first + j, blocks + ([partial] if partial is not None else []), q)

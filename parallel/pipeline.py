@@ -1,0 +1,100 @@
+"""Pipeline-parallel training of one rank's model chunks with AttnRes payloads and the block cache.
+
+`Pipeline.run(batches)` drives megatron's 1F1B (vpp=1) or interleaved 1F1B (vpp>1) schedule over
+this rank's chunks. Chunk inputs/outputs are assembled from and packed into payloads here; the
+model only exposes its decoder's `input_state` / `output_state` (attnres_train/model/block.py).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+
+from parallel.layout import StageLayout
+from parallel.payload import BlockCache
+from parallel.schedule import StaticShapeCommunicator, process_groups
+
+
+def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
+    losses = output_tensor.float().reshape(-1)
+    mask = loss_mask.reshape(-1).float()
+    loss = (losses * mask).sum() / mask.sum().clamp(min=1)
+    return loss, {"lm loss": loss.detach().clone()}
+
+
+def unwrap(module):
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def configure_pipeline(config) -> None:
+    """p2p settings that are safe on every backend (measured on gloo: pp_payload_mcore.md §4).
+
+    batch_p2p_comm posts sends and receives to the same peer in one batch, which gloo matches in
+    FIFO order and silently swaps under virtual stages; overlap_p2p_comm together with
+    deallocate_pipeline_outputs races on gloo. So: no batching, no overlap, outputs deallocated."""
+    config.batch_p2p_comm = False
+    config.batch_p2p_sync = False
+    config.overlap_p2p_comm = False
+    config.deallocate_pipeline_outputs = True
+
+
+class Pipeline:
+    def __init__(self, chunks: list, layout: StageLayout, *, seq_length: int, micro_batch_size: int):
+        from megatron.core import parallel_state as ps
+
+        self.chunks = chunks
+        self.layout = layout
+        self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
+        self.rank = ps.get_pipeline_model_parallel_rank()
+        self.chunk_ids = [v * layout.pp + self.rank for v in range(layout.vpp)]
+        self.last = layout.num_chunks - 1
+        self.cache = BlockCache(layout, self.rank) if layout.block_size is not None else None
+        config = unwrap(chunks[0]).config
+        configure_pipeline(config)
+        self.comm = StaticShapeCommunicator(ps.get_pipeline_model_parallel_group(), config, layout,
+                                            seq_length=seq_length, micro_batch_size=micro_batch_size)
+        self.groups = process_groups()
+        if self.cache is not None:
+            for c, chunk in zip(self.chunk_ids, chunks):
+                unwrap(chunk).decoder.export_state = c < self.last
+
+    def forward_step(self, data_iterator, model):
+        chunk, mb, batch = next(data_iterator)
+        gpt = unwrap(model)
+        if self.cache is not None and chunk > 0:
+            gpt.decoder.input_state = self.cache.input_state(chunk, mb, gpt.decoder.input_tensor)
+        first, last = chunk == 0, chunk == self.last
+        out = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
+                    labels=batch["labels"] if last else None)
+        if self.cache is not None:
+            if not last:
+                out = self.cache.output_payload(chunk, mb, gpt.decoder.output_state)
+            self.cache.finish_forward(chunk, mb)
+        return out, partial(_loss_func, batch["loss_mask"])
+
+    def run(self, batches: list, *, forward_only: bool = False) -> list:
+        """One schedule call over `batches` (this rank's micro-batches). Returns the per-micro-batch
+        loss dicts on the last stage, [] elsewhere."""
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        M = len(batches)
+        iters = [iter([(c, m, batches[m]) for m in range(M)]) for c in self.chunk_ids]
+        if self.cache is not None:
+            self.cache.clear()
+        self.comm.arm(M)
+        out = get_forward_backward_func()(
+            forward_step_func=self.forward_step,
+            data_iterator=iters,
+            model=self.chunks,
+            num_microbatches=M,
+            seq_length=self.seq_length,
+            micro_batch_size=self.micro_batch_size,
+            forward_only=forward_only,
+            p2p_communicator=self.comm,
+            pg_collection=self.groups,
+        )
+        self.comm.check_drained(forward_only)
+        return out
