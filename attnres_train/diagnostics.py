@@ -27,19 +27,21 @@ def depth_weights(sources, query, gamma, eps) -> list:
 
 
 class Diagnostics:
-    def __init__(self, model, run_dir: Path):
-        self.model = model
+    def __init__(self, model_chunks: list, run_dir: Path):
+        """model_chunks: this rank's (unwrapped) model chunks; under pipeline parallelism the
+        diagnostics cover the sublayers this rank holds."""
         self.run_dir = run_dir
         self.active = False
         self.out_rms: dict = {}
         self.grad_norm: dict = {}
         self.weights: dict = {}
-        for layer in model.decoder.layers:
-            base = 2 * (layer.layer_number - 1)
-            layer.self_attention.register_forward_hook(self._hook(base))
-            layer.mlp.register_forward_hook(self._hook(base + 1))
-        if hasattr(model.decoder, "mix_observer"):
-            model.decoder.mix_observer = self._observe_mix
+        for model in model_chunks:
+            for layer in model.decoder.layers:
+                base = 2 * (layer.layer_number - 1)
+                layer.self_attention.register_forward_hook(self._hook(base))
+                layer.mlp.register_forward_hook(self._hook(base + 1))
+            if hasattr(model.decoder, "mix_observer"):
+                model.decoder.mix_observer = self._observe_mix
 
     def _hook(self, index: int):
         def hook(module, args, output):

@@ -41,7 +41,7 @@ def train(cfg, run_dir: Path) -> dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from attnres_train import checkpoint
-    from attnres_train.config.validate import validate_vocab
+    from attnres_train.config.validate import effective_block_size, validate_vocab
     from attnres_train.data import build_datasets
     from attnres_train.data.loader import MicroBatches
     from attnres_train.diagnostics import Diagnostics
@@ -50,6 +50,8 @@ def train(cfg, run_dir: Path) -> dict:
     from attnres_train.model.model import build_model
     from attnres_train.optim import build_optimizer, build_scheduler
     from attnres_train.step import evaluate, train_step
+    from parallel.layout import build_layout
+    from parallel.pipeline import Pipeline
 
     t, m = cfg.train, cfg.model
     rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
@@ -58,6 +60,11 @@ def train(cfg, run_dir: Path) -> dict:
                           f"must be divisible by train.micro_batch_size x data-parallel size = "
                           f"{t.micro_batch_size} x {dp} = {t.micro_batch_size * dp}")
     num_micro = t.global_batch_size // (t.micro_batch_size * dp)
+    if cfg.parallel.vpp > 1 and num_micro % cfg.parallel.pp:
+        # megatron's interleaved schedule walks micro-batches in groups of pp
+        raise ConfigError("train.global_batch_size", t.global_batch_size,
+                          f"with parallel.vpp>1 the micro-batches per step ({num_micro} = global / "
+                          f"(micro x dp)) must be a multiple of parallel.pp={cfg.parallel.pp}")
     dtype = resolve_dtype(t.dtype)
     torch.manual_seed(t.seed)
     model_parallel_cuda_manual_seed(t.seed)
@@ -67,18 +74,19 @@ def train(cfg, run_dir: Path) -> dict:
         train_samples=t.steps * t.global_batch_size, valid_samples=None)
     validate_vocab(m.vocab_size, tokenizer.vocab_size)
 
-    model = build_model(m, cfg.parallel, params_dtype=dtype)
-    counts = count_parameters(model, m)
-    if torch.cuda.is_available():
-        model.cuda()
-    ddp = DistributedDataParallel(
-        model.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                    use_distributed_optimizer=dp > 1), model)
-    chunks = [ddp]
-    model.config.finalize_model_grads_func = finalize_model_grads
-    model.config.no_sync_func = ddp.no_sync
+    counts = count_parameters(build_model(m, meta=True), m)  # the whole model, on the meta device
+    model_chunks = build_chunks(m, cfg.parallel, dtype, layout_independent_init=t.layout_independent_init)
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                               use_distributed_optimizer=dp > 1)
+    chunks = [DistributedDataParallel(c.config, ddp_config, c) for c in model_chunks]
+    config = model_chunks[0].config
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     optimizer = build_optimizer(t, chunks, params_dtype=dtype, dp_size=dp)
     scheduler = build_scheduler(t, optimizer)
+    layout = build_layout(m.num_layers, cfg.parallel.pp, cfg.parallel.vpp, effective_block_size(m),
+                          cache=cfg.parallel.attnres_cache)
+    pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
 
     ckpt_root = run_dir / "checkpoints"
     meta = None
@@ -110,13 +118,12 @@ def train(cfg, run_dir: Path) -> dict:
     valid_batches = MicroBatches(valid_ds, micro_batch_size=t.micro_batch_size, num_micro=0,
                                  dp_rank=dp_rank, dp_size=dp)
     tokens_per_step = t.global_batch_size * m.seq_length
-    diag = Diagnostics(model, run_dir) if cfg.logging.diag_interval and rank == 0 else None
+    diag = Diagnostics(model_chunks, run_dir) if cfg.logging.diag_interval and rank == 0 else None
     logger.set_start(start)
     val_loss, best_val, step_times = None, float("inf"), []
 
     def run_eval() -> float:
-        return evaluate(chunks, valid_batches.eval_batches(t.eval_batches), seq_length=m.seq_length,
-                        micro_batch_size=t.micro_batch_size)
+        return evaluate(pipeline, valid_batches.eval_batches(t.eval_batches))
 
     for step in range(start, t.steps):
         done = step + 1
@@ -124,8 +131,7 @@ def train(cfg, run_dir: Path) -> dict:
         if diag_step:
             diag.start()
         tic = time.perf_counter()
-        out = train_step(chunks, optimizer, scheduler, batches.for_step(step),
-                         seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
+        out = train_step(pipeline, optimizer, scheduler, batches.for_step(step))
         step_times.append(time.perf_counter() - tic)
         if diag_step:
             diag.finish(done)
@@ -147,7 +153,7 @@ def train(cfg, run_dir: Path) -> dict:
                             consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
     summary = {"steps": t.steps, "final_val_loss": val_loss, "best_val_loss": best_val,
                "params_total": counts["params_total"], "params_active": counts["params_active"],
-               "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(model)}
+               "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(model_chunks)}
     if rank == 0:
         metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
         speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
@@ -158,12 +164,45 @@ def train(cfg, run_dir: Path) -> dict:
     return summary
 
 
-def weights_sha256(model) -> str:
+def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: bool = False) -> list:
+    """This rank's model chunks: one per virtual pipeline stage."""
+    from megatron.core import parallel_state as ps
+
+    from attnres_train.model.model import build_model
+
+    vpp = parallel_cfg.vpp
+    reference = None
+    if layout_independent_init:
+        reference = build_model(model_cfg, params_dtype=dtype).state_dict()
+    chunks = []
+    for v in range(vpp):
+        vp_stage = v if vpp > 1 else None
+        chunk = build_model(model_cfg, parallel_cfg, params_dtype=dtype, vp_stage=vp_stage,
+                            pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+                            post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
+        if reference is not None:
+            chunk.load_state_dict({n: reference[global_param_name(chunk, n)] for n in chunk.state_dict()})
+        if torch.cuda.is_available():
+            chunk.cuda()
+        chunks.append(chunk)
+    return chunks
+
+
+def global_param_name(chunk, name: str) -> str:
+    """A chunk's parameter name with its local layer index replaced by the global one."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
+def weights_sha256(model_chunks: list) -> str:
     """Hash of this rank's parameters (bitwise): resume tests compare it with an unbroken run."""
     import hashlib
 
     h = hashlib.sha256()
-    for name, p in sorted(model.named_parameters()):
+    params = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()]
+    for name, p in params:
         h.update(name.encode())
         h.update(p.detach().float().cpu().numpy().tobytes())
     return h.hexdigest()

@@ -78,8 +78,11 @@ class ModelConfig:
 class ParallelConfig:
     tp: int = 1
     pp: int = 1
-    vpp: int = 1
+    vpp: int = 1  # virtual pipeline stages (model chunks) per pipeline rank: interleaved 1F1B
     ep: int = 1
+    # Under AttnRes a pipeline hop carries only the block summaries the receiving rank lacks
+    # (rank-local cache); false: every hop carries every block the receiver needs (naive scheme).
+    attnres_cache: bool = True
 
 
 @dataclass
@@ -104,6 +107,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 32  # = micro_batch_size x data-parallel size x accumulation steps
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | fp32 | bf16
+    # Initialise every pipeline chunk with the weights the unsplit model gets from train.seed (builds
+    # the whole model once per rank): runs with different parallel layouts start identical.
+    # For comparing layouts at small scale.
+    layout_independent_init: bool = False
     # AdamW with warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
     lr: float = 3e-3
     min_lr: float = 3e-4

@@ -91,6 +91,9 @@ def validate_config(cfg) -> None:
         if getattr(cfg.parallel, key) < 1:
             raise ConfigError(f"parallel.{key}", getattr(cfg.parallel, key), "must be >= 1")
     validate_model(cfg.model, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    from parallel.layout import split_layers
+
+    split_layers(cfg.model.num_layers, cfg.parallel.pp, cfg.parallel.vpp)
 
 
 def _default_pattern(num_layers: int) -> str:

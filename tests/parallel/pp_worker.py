@@ -17,13 +17,6 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
-def global_name(chunk, name: str) -> str:
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-    return ".".join(parts)
-
-
 def batches_for(cfg, num_micro: int, mbs: int):
     import torch
 
@@ -44,6 +37,7 @@ def run_case(cfg, P: int, V: int, num_micro: int, mbs: int, cache: bool = True) 
     from attnres_train.config.schema import ParallelConfig
     from attnres_train.config.validate import effective_block_size
     from attnres_train.model.model import build_model
+    from attnres_train.train import global_param_name as global_name
     from parallel.layout import build_layout
     from parallel.pipeline import Pipeline, _loss_func
 
