@@ -122,8 +122,10 @@ def train(cfg, run_dir: Path) -> dict:
     logger.set_start(start)
     val_loss, best_val, step_times = None, float("inf"), []
 
+    eval_batches = valid_batches.eval_batches(t.eval_batches)  # collated once, reused every pass
+
     def run_eval() -> float:
-        return evaluate(pipeline, valid_batches.eval_batches(t.eval_batches))
+        return evaluate(pipeline, eval_batches)
 
     for step in range(start, t.steps):
         done = step + 1

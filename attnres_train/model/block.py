@@ -48,7 +48,8 @@ class AttnResTransformerBlock(TransformerBlock):
 
     Layers must be `AttnResTransformerLayer`s. On the stage with the final norm, one more
     AttnRes aggregate over all sources (`final_res`) feeds the final RMSNorm and the LM head.
-    Between pipeline stages the state travels packed as [k·S, B, D] (blocks, then the partial).
+    Between pipeline stages the state is handed over as a BlockState (`input_state` /
+    `output_state`); parallel/ turns it into per-hop payloads.
     """
 
     def __init__(self, config, spec, *, block_size: int, impl: str = "two_phase", **kwargs):
@@ -68,22 +69,6 @@ class AttnResTransformerBlock(TransformerBlock):
         self.export_state = False
         self.output_state: Optional[BlockState] = None
 
-    # -- state <-> one pipeline tensor ------------------------------------------------------
-    def first_sublayer(self) -> int:
-        """Global index of this chunk's first sublayer (2 per layer)."""
-        if len(self.layers) == 0:
-            raise ValueError("an AttnRes pipeline chunk needs at least one layer")
-        return 2 * (self.layers[0].layer_number - 1)
-
-    def unpack(self, packed: Tensor) -> BlockState:
-        n_blocks, has_partial = state_layout(self.first_sublayer(), self.block_size)
-        parts = list(packed.chunk(n_blocks + has_partial, dim=0))
-        return BlockState(parts[:n_blocks], parts[n_blocks] if has_partial else None)
-
-    @staticmethod
-    def pack(state: BlockState) -> Tensor:
-        return torch.cat(state.sources(), dim=0)
-
     # -- forward ------------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
@@ -101,7 +86,8 @@ class AttnResTransformerBlock(TransformerBlock):
         elif self.input_state is not None:
             state, self.input_state = self.input_state, None
         else:
-            state = self.unpack(self.input_tensor)
+            raise RuntimeError("a non-first pipeline chunk of an AttnRes model needs its input_state "
+                               "(set by parallel.Pipeline from the received payload and its cache)")
         attn_kwargs = dict(
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
             rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
@@ -112,10 +98,11 @@ class AttnResTransformerBlock(TransformerBlock):
         with rng:
             state = self.run_layers(state, list(self.layers), attn_kwargs, padding_mask)
         if self.final_layernorm is None:
-            if self.export_state:
-                self.output_state = state
-                return state.sources()[-1]  # the runtime ships output_state, not this
-            return make_viewless_tensor(self.pack(state), requires_grad=True, keep_graph=True)
+            if not self.export_state:
+                raise RuntimeError("a non-last pipeline chunk of an AttnRes model hands over its "
+                                   "output_state: run it through parallel.Pipeline")
+            self.output_state = state
+            return state.sources()[-1]  # the runtime ships output_state, not this
         q = self.final_res
         if self.mix_observer is not None:
             self.mix_observer(2 * self.config.num_layers, state.sources(), q)
