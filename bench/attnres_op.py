@@ -11,6 +11,7 @@ cotangents into them):
     naive      attnres_naive per sublayer (plain autograd over the stacked sources)
     lean       attnres_lean per sublayer (memory-lean custom Function, no batching)
     two_phase  attnres_phase1 once for the block + attnres_merge per sublayer
+    triton     two_phase on the fused Triton kernels (listed only on CUDA with triton installed)
 
 Measured: forward and forward+backward wall time (median over --reps after --warmup), and
 memory: on CUDA the peak allocation above the pre-existing tensors during fwd+bwd; on every
@@ -47,6 +48,7 @@ from attnres_train.model.attnres import (  # noqa: E402
     attnres_merge,
     attnres_naive,
     attnres_phase1,
+    triton_available,
 )
 
 EPS = 1e-6
@@ -114,8 +116,8 @@ def run_lean(p):
     return _per_sublayer(p, attnres_lean)
 
 
-def run_two_phase(p):
-    out, lse = attnres_phase1(p["blocks"], p["queries"], p["gammas"], EPS)
+def run_two_phase(p, phase1=attnres_phase1, merge=attnres_merge):
+    out, lse = phase1(p["blocks"], p["queries"], p["gammas"], EPS)
     outs, lses = out.unbind(0), lse.unbind(0)
     partial, inputs = None, []
     for i, sub_out in enumerate(p["outs"]):
@@ -123,10 +125,19 @@ def run_two_phase(p):
             inputs.append(outs[i])
         else:
             inputs.append(
-                attnres_merge(outs[i], lses[i], partial, p["queries"][i], p["gammas"][i], EPS)
+                merge(outs[i], lses[i], partial, p["queries"][i], p["gammas"][i], EPS)
             )
         partial = sub_out if partial is None else partial + sub_out
     return inputs
+
+
+def run_triton(p):
+    from attnres_train.model.attnres.triton_kernels import (
+        attnres_merge_triton,
+        attnres_phase1_triton,
+    )
+
+    return run_two_phase(p, attnres_phase1_triton, attnres_merge_triton)
 
 
 VARIANTS = {
@@ -135,6 +146,8 @@ VARIANTS = {
     "lean": run_lean,
     "two_phase": run_two_phase,
 }
+if torch.cuda.is_available() and triton_available():
+    VARIANTS["triton"] = run_triton
 
 
 # --------------------------------------------------------------------------- measurement
@@ -252,6 +265,8 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
     variants = {name: VARIANTS[name] for name in args.variants.split(",")}
+    if device.type != "cuda":  # the compiled Triton kernels need CUDA tensors
+        variants.pop("triton", None)
     load_before = os.getloadavg()
     results = time_all(variants, p, device, args.warmup, args.reps)
     load_after = os.getloadavg()

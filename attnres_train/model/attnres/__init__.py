@@ -34,12 +34,19 @@ Public API:
     attnres_lean:   same contract, memory-lean custom backward.
     attnres_phase1, attnres_merge: the two phases.
     attnres(...):   dispatch by ``impl`` name.
+    attnres_phase1_auto, attnres_merge_auto: the two phases on the selected kernel backend
+        (:func:`kernel_backend`): the fused Triton kernels of :mod:`.triton_kernels` for CUDA
+        tensors when triton is installed, the torch Functions otherwise.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import os
 from typing import Callable, Sequence
 
+import torch
 from torch import Tensor
 
 from .naive import attnres_naive, block_attnres_chain_naive
@@ -59,6 +66,11 @@ __all__ = [
     "block_attnres_chain_naive",
     "block_attnres_chain_two_phase",
     "IMPLS",
+    "kernel_backend",
+    "phase1_fn",
+    "merge_fn",
+    "attnres_phase1_auto",
+    "attnres_merge_auto",
 ]
 
 #: implementation name -> single-query op ``(sources, query, gamma, eps) -> [..., D]``
@@ -82,3 +94,72 @@ def attnres(
             f"unknown AttnRes impl {impl!r}; valid: {', '.join(sorted(IMPLS))}"
         ) from None
     return fn(sources, query, gamma, eps)
+
+
+# --------------------------------------------------------------------------- kernel backend
+
+#: environment override of the kernel backend: ``torch``, ``triton`` or ``auto`` (default)
+KERNEL_ENV = "ATTNRES_KERNEL"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_available() -> bool:
+    """Whether triton is installed (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def kernel_backend(device: torch.device | str) -> str:
+    """``"triton"`` or ``"torch"``: which kernels the two phases run on for tensors on ``device``.
+
+    ``ATTNRES_KERNEL=torch|triton`` forces one (``triton`` raises if triton is not installed; on
+    CPU tensors it only works under ``TRITON_INTERPRET=1``, which tests use). Unset or ``auto``:
+    Triton for CUDA tensors when triton is installed, else torch. The environment is read on
+    every call (a dictionary lookup), so tests can switch it; triton is imported only when the
+    Triton backend is actually used.
+    """
+    choice = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
+    if choice == "torch":
+        return "torch"
+    if choice == "triton":
+        if not triton_available():
+            raise RuntimeError(f"{KERNEL_ENV}=triton but triton is not installed")
+        interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
+        if torch.device(device).type != "cuda" and not interpret:
+            raise RuntimeError(f"{KERNEL_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), "
+                               f"got {torch.device(device).type} tensors")
+        return "triton"
+    if choice != "auto":
+        raise ValueError(f"{KERNEL_ENV}={choice!r}: use torch, triton or auto")
+    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+
+
+def phase1_fn(device: torch.device | str) -> Callable[..., tuple[Tensor, Tensor]]:
+    """The phase-1 op (signature of :func:`attnres_phase1`) for tensors on ``device``."""
+    if kernel_backend(device) == "triton":
+        from .triton_kernels import attnres_phase1_triton
+
+        return attnres_phase1_triton
+    return attnres_phase1
+
+
+def merge_fn(device: torch.device | str) -> Callable[..., Tensor]:
+    """The merge op (signature of :func:`attnres_merge`) for tensors on ``device``."""
+    if kernel_backend(device) == "triton":
+        from .triton_kernels import attnres_merge_triton
+
+        return attnres_merge_triton
+    return attnres_merge
+
+
+def attnres_phase1_auto(
+    blocks: Sequence[Tensor], queries: Tensor, gammas: Tensor, eps: float
+) -> tuple[Tensor, Tensor]:
+    """:func:`attnres_phase1` on the backend :func:`kernel_backend` selects for the blocks."""
+    return phase1_fn(blocks[0].device)(blocks, queries, gammas, eps)
+
+
+def attnres_merge_auto(
+    out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, gamma: Tensor, eps: float
+) -> Tensor:
+    """:func:`attnres_merge` on the backend :func:`kernel_backend` selects for ``out``."""
+    return merge_fn(out.device)(out, lse, partial, query, gamma, eps)
