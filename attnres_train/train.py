@@ -41,7 +41,7 @@ def train(cfg, run_dir: Path) -> dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
     from attnres_train import checkpoint
-    from attnres_train.config.validate import effective_block_size, validate_vocab
+    from attnres_train.config.validate import validate_vocab
     from attnres_train.data import build_datasets
     from attnres_train.data.loader import MicroBatches
     from attnres_train.diagnostics import Diagnostics
@@ -50,7 +50,7 @@ def train(cfg, run_dir: Path) -> dict:
     from attnres_train.model.model import build_model
     from attnres_train.optim import build_optimizer, build_scheduler
     from attnres_train.step import evaluate, train_step
-    from parallel.layout import build_layout
+    from parallel.layout import layout_for
     from parallel.pipeline import Pipeline
 
     t, m = cfg.train, cfg.model
@@ -84,8 +84,7 @@ def train(cfg, run_dir: Path) -> dict:
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
     optimizer = build_optimizer(t, chunks, params_dtype=dtype, dp_size=dp)
     scheduler = build_scheduler(t, optimizer)
-    layout = build_layout(m.num_layers, cfg.parallel.pp, cfg.parallel.vpp, effective_block_size(m),
-                          cache=cfg.parallel.attnres_cache)
+    layout = layout_for(m, cfg.parallel)
     pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
 
     ckpt_root = run_dir / "checkpoints"
@@ -127,6 +126,11 @@ def train(cfg, run_dir: Path) -> dict:
     def run_eval() -> float:
         return evaluate(pipeline, eval_batches)
 
+    from attnres_train.preempt import PreemptionSignal
+
+    # SIGUSR1/SIGTERM (slurm time limit, preemption): checkpoint after the current step and return.
+    # Handlers are restored on return; an exception ends the process anyway.
+    preempt = PreemptionSignal()
     for step in range(start, t.steps):
         done = step + 1
         diag_step = diag is not None and (done % cfg.logging.diag_interval == 0 or done == t.steps)
@@ -150,9 +154,18 @@ def train(cfg, run_dir: Path) -> dict:
             record["val_loss"] = val_loss
         if record:
             logger.log(done, record)
-        if (t.save_interval and done % t.save_interval == 0) or done == t.steps:
-            checkpoint.save(ckpt_root, done, chunks, optimizer, scheduler, model_cfg=m,
-                            consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
+        stop = done < t.steps and preempt.requested()  # a collective: every rank, every step
+        if (t.save_interval and done % t.save_interval == 0) or done == t.steps or stop:
+            saved = checkpoint.save(ckpt_root, done, chunks, optimizer, scheduler, model_cfg=m,
+                                    consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
+        if stop:  # exit code 0; no summary.json (the run is not finished)
+            if rank == 0:
+                print(f"preempted at step {done}/{t.steps} ({preempt.reason}): checkpoint saved to {saved}; "
+                      "resubmit the same command (same hydra.run.dir) to resume", flush=True)
+            preempt.close()
+            logger.close()
+            return {"steps": t.steps, "preempted_at_step": done}
+    preempt.close()
     summary = {"steps": t.steps, "final_val_loss": val_loss, "best_val_loss": best_val,
                "params_total": counts["params_total"], "params_active": counts["params_active"],
                "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(model_chunks)}

@@ -142,3 +142,11 @@ def paper_eq7(P: int, V: int, Np: int) -> int:
     """The naive scheme: Np·C(C-1)/2 with C = P·V chunks, plus the embedding on C-1 hops."""
     C = P * V
     return Np * C * (C - 1) // 2 + (C - 1)
+
+
+def layout_for(model_cfg, parallel_cfg) -> StageLayout:
+    """The layout a run with these configs uses (even split unless parallel.layers_per_stage)."""
+    from attnres_train.config.validate import effective_block_size
+
+    return build_layout(model_cfg.num_layers, parallel_cfg.pp, parallel_cfg.vpp, effective_block_size(model_cfg),
+                        cache=parallel_cfg.attnres_cache, layers_per_stage=parallel_cfg.layers_per_stage)

@@ -17,8 +17,9 @@ from parallel.schedule import StaticShapeCommunicator, process_groups
 
 
 def _loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
-    losses = output_tensor.float().reshape(-1)
-    mask = loss_mask.reshape(-1).float()
+    # at least fp32 (bf16 logits' per-token losses), never below the model's dtype (fp64 tests)
+    losses = output_tensor.reshape(-1).to(torch.promote_types(output_tensor.dtype, torch.float32))
+    mask = loss_mask.reshape(-1).to(losses.dtype)
     loss = (losses * mask).sum() / mask.sum().clamp(min=1)
     return loss, {"lm loss": loss.detach().clone()}
 
@@ -54,8 +55,10 @@ class Pipeline:
         self.cache = BlockCache(layout, self.rank) if layout.block_size is not None else None
         config = unwrap(chunks[0]).config
         configure_pipeline(config)
+        # under sequence parallelism every hop tensor holds this TP rank's slice of the sequence
+        local_seq = seq_length // config.tensor_model_parallel_size if config.sequence_parallel else seq_length
         self.comm = StaticShapeCommunicator(ps.get_pipeline_model_parallel_group(), config, layout,
-                                            seq_length=seq_length, micro_batch_size=micro_batch_size)
+                                            seq_length=local_seq, micro_batch_size=micro_batch_size)
         self.groups = process_groups()
         if self.cache is not None:
             for c, chunk in zip(self.chunk_ids, chunks):

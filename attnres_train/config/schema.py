@@ -83,6 +83,16 @@ class ParallelConfig:
     # Under AttnRes a pipeline hop carries only the block summaries the receiving rank lacks
     # (rank-local cache); false: every hop carries every block the receiver needs (naive scheme).
     attnres_cache: bool = True
+    # Layers per pipeline chunk, in chunk order (virtual stage 0 of ranks 0..pp-1, then virtual
+    # stage 1, ...); pp*vpp numbers summing to model.num_layers. Default: an even split. Use it
+    # to give the first stage (embedding) and the last (LM head) fewer layers.
+    layers_per_stage: Optional[List[int]] = None
+    # Activation recomputation: none | selective (the modules in recompute_modules, megatron's
+    # names: core_attn, mla_up_proj, layernorm, mlp, moe, shared_experts) | full (whole
+    # layers, recompute_num_layers at a time; the AttnRes block state enters each group as inputs).
+    recompute: str = "none"
+    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    recompute_num_layers: int = 1
 
 
 @dataclass

@@ -91,9 +91,28 @@ def validate_config(cfg) -> None:
         if getattr(cfg.parallel, key) < 1:
             raise ConfigError(f"parallel.{key}", getattr(cfg.parallel, key), "must be >= 1")
     validate_model(cfg.model, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
+    validate_recompute(cfg.parallel, cfg.model.num_layers)
     from parallel.layout import split_layers
 
-    split_layers(cfg.model.num_layers, cfg.parallel.pp, cfg.parallel.vpp)
+    split_layers(cfg.model.num_layers, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.layers_per_stage)
+
+
+RECOMPUTE_MODES = ("none", "selective", "full")
+# (megatron's moe_act needs grouped-GEMM experts, which this model does not use)
+RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "shared_experts")
+
+
+def validate_recompute(parallel, num_layers: int) -> None:
+    if parallel.recompute not in RECOMPUTE_MODES:
+        raise ConfigError("parallel.recompute", parallel.recompute, f"use one of {', '.join(RECOMPUTE_MODES)}")
+    if parallel.recompute == "selective":
+        bad = [m for m in parallel.recompute_modules if m not in RECOMPUTE_MODULES]
+        if bad or not parallel.recompute_modules:
+            raise ConfigError("parallel.recompute_modules", list(parallel.recompute_modules),
+                              f"choose from {', '.join(RECOMPUTE_MODULES)} (e.g. [core_attn,layernorm])")
+    if parallel.recompute == "full" and not 1 <= parallel.recompute_num_layers <= num_layers:
+        raise ConfigError("parallel.recompute_num_layers", parallel.recompute_num_layers,
+                          f"layers recomputed as one group: choose 1..model.num_layers={num_layers}")
 
 
 def _default_pattern(num_layers: int) -> str:

@@ -23,7 +23,7 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
-from attnres_train.model.attnres import attnres_merge, attnres_naive, attnres_phase1
+from attnres_train.model.attnres import attnres_merge_auto, attnres_naive, attnres_phase1_auto
 from attnres_train.model.sublayer import DepthQuery
 
 
@@ -113,10 +113,10 @@ class AttnResTransformerBlock(TransformerBlock):
 
     @staticmethod
     def _mix_all(state: BlockState, q: DepthQuery) -> Tensor:
-        o, lse = attnres_phase1(state.blocks, q.query[None], q.key_norm_weight[None], q.eps)
+        o, lse = attnres_phase1_auto(state.blocks, q.query[None], q.key_norm_weight[None], q.eps)
         if state.partial is None:
             return o[0]
-        return attnres_merge(o[0], lse[0], state.partial, q.query, q.key_norm_weight, q.eps)
+        return attnres_merge_auto(o[0], lse[0], state.partial, q.query, q.key_norm_weight, q.eps)
 
     @staticmethod
     def _query_rows(vectors: list, rows: list, bs: int) -> Tensor:
@@ -128,6 +128,42 @@ class AttnResTransformerBlock(TransformerBlock):
         return padded.index_copy(0, torch.tensor(rows, device=stacked.device), stacked)
 
     def run_layers(self, state: BlockState, layers: list, attn_kwargs: dict, padding_mask=None) -> BlockState:
+        """Run `layers` in order, updating the AttnRes state; with full recomputation
+        (config.recompute_granularity == "full") in checkpointed groups of layers."""
+        cfg = self.config
+        if cfg.recompute_granularity != "full" or not self.training:
+            return self._run_sublayers(state, layers, attn_kwargs, padding_mask)
+        n = cfg.recompute_num_layers
+        if cfg.recompute_method == "block":  # the first n layers of this chunk recomputed, the rest not
+            state = self._checkpointed(state, layers[:n], attn_kwargs, padding_mask)
+            return self._run_sublayers(state, layers[n:], attn_kwargs, padding_mask) if layers[n:] else state
+        for i in range(0, len(layers), n):  # uniform: groups of n layers
+            state = self._checkpointed(state, layers[i:i + n], attn_kwargs, padding_mask)
+        return state
+
+    def _checkpointed(self, state: BlockState, layers: list, attn_kwargs: dict, padding_mask) -> BlockState:
+        """Run `layers` under megatron's activation checkpoint. megatron's own full recompute
+        (`_checkpointed_forward`) threads one hidden tensor through; here the whole AttnRes state
+        (every block summary the group reads, and the partial sum) enters as explicit checkpoint
+        inputs, so their gradients flow back, and only the blocks the group completes plus the
+        new partial sum leave it."""
+        num_in = len(state.blocks)
+        has_partial = state.partial is not None
+
+        def run(*tensors):
+            inner = BlockState(list(tensors[:num_in]), tensors[num_in] if has_partial else None)
+            out = self._run_sublayers(inner, layers, attn_kwargs, padding_mask)
+            return tuple(out.blocks[num_in:]) + ((out.partial,) if out.partial is not None else ())
+
+        outputs = tensor_parallel.checkpoint(run, False, *state.sources())
+        outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
+        done = 2 * layers[-1].layer_number
+        num_out, out_partial = state_layout(done, self.block_size)
+        new_blocks = list(outputs[:num_out - num_in])
+        assert len(new_blocks) + int(out_partial) == len(outputs), (num_in, num_out, len(outputs))
+        return BlockState(state.blocks + new_blocks, outputs[-1] if out_partial else None)
+
+    def _run_sublayers(self, state: BlockState, layers: list, attn_kwargs: dict, padding_mask=None) -> BlockState:
         """Run the attention and FFN sublayers of `layers` in order, updating the AttnRes state."""
         sublayers = [(layer, kind) for layer in layers for kind in (0, 1)]
         bs = self.block_size
@@ -144,7 +180,7 @@ class AttnResTransformerBlock(TransformerBlock):
                 # the block this stage holds: the batched GEMM then computes every row exactly as
                 # the unsplit model does, so pipeline stages agree with it bit for bit.
                 rows = [(first + j) % bs for j in range(n)]
-                o, lse = attnres_phase1(
+                o, lse = attnres_phase1_auto(
                     blocks,
                     self._query_rows([q.query for q in queries], rows, bs),
                     self._query_rows([q.key_norm_weight for q in queries], rows, bs),
@@ -160,7 +196,7 @@ class AttnResTransformerBlock(TransformerBlock):
                 elif partial is None:
                     h = o[j]
                 else:
-                    h = attnres_merge(o[j], lse[j], partial, q.query, q.key_norm_weight, q.eps)
+                    h = attnres_merge_auto(o[j], lse[j], partial, q.query, q.key_norm_weight, q.eps)
                 if kind == 0:
                     out = layer.attention_sublayer(h, **attn_kwargs)
                 else:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
 from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
 
 
@@ -39,6 +40,9 @@ class NoPEMLASelfAttention(MLASelfAttention):
         if config.rope_type != "rope" or config.apply_rope_fusion:
             raise ValueError("NoPE MLA needs rope_type='rope' and apply_rope_fusion=False")
         self.rotary_pos_emb = NoPositionEmbedding(config.qk_pos_emb_head_dim, self.pg_collection.cp)
+        # built column-parallel (the only kind megatron's MLA takes without TE), used replicated
+        self.linear_kv_down_proj = DuplicatedLinear.from_column_parallel(
+            config, self.linear_kv_down_proj, self.pg_collection.tp)
 
 
 class MLACoreAttention(DotProductAttention):
@@ -56,3 +60,38 @@ class MLACoreAttention(DotProductAttention):
                          cp_comm_type=cp_comm_type, pg_collection=pg_collection)
         if v_channels is not None:
             self.hidden_size_per_partition = v_channels * self.num_attention_heads_per_partition
+
+
+
+class DuplicatedLinear(MegatronModule):
+    """A linear layer replicated on every tensor-parallel rank (megatron's "duplicated" mode),
+    for MLA's key/value down projection. weight: [out, in]; x [..., in] -> ([..., out], None).
+
+    Why. megatron's MLA accepts only TE's duplicated linear or a column-parallel one here, and
+    without TE (our local spec) only the column-parallel one, whose gathered output's backward
+    keeps this rank's slice of the rope-key gradient. Every TP rank computes that gradient only
+    partially (for its own heads), so under TP>1 the down projection gets wrong gradients.
+    Replicated, the rope key goes through megatron's sequence-parallel gather instead, whose
+    backward sums the partials. Under sequence parallelism each rank sees a slice of the tokens:
+    the weight is flagged for finalize_model_grads' TP sum.
+    """
+
+    def __init__(self, config, weight: torch.Tensor):
+        super().__init__(config=config)
+        self.weight = torch.nn.Parameter(weight)
+        self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+    @classmethod
+    def from_column_parallel(cls, config, layer, tp_group) -> "DuplicatedLinear":
+        """The full weight of a column-parallel layer (shards gathered over TP), replicated."""
+        w = layer.weight.detach()
+        if tp_group is not None and tp_group.size() > 1 and w.device.type != "meta":
+            shards = [torch.empty_like(w) for _ in range(tp_group.size())]
+            torch.distributed.all_gather(shards, w.contiguous(), group=tp_group)
+            w = torch.cat(shards, dim=0)
+        elif tp_group is not None and tp_group.size() > 1:
+            w = w.new_empty(w.shape[0] * tp_group.size(), w.shape[1])
+        return cls(config, w.clone())
+
+    def forward(self, x):
+        return torch.nn.functional.linear(x, self.weight), None

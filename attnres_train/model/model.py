@@ -34,6 +34,7 @@ def transformer_config(model_cfg, parallel_cfg=None, *, params_dtype=torch.float
     pp = getattr(parallel_cfg, "pp", 1)
     vpp = getattr(parallel_cfg, "vpp", 1)
     ep = getattr(parallel_cfg, "ep", 1)
+    layers_per_stage = getattr(parallel_cfg, "layers_per_stage", None)
     validate_model(model_cfg, tp=tp, ep=ep)
     moe, kda, mla = model_cfg.moe, model_cfg.kda, model_cfg.mla
     has_moe = moe.first_k_dense < model_cfg.num_layers
@@ -52,7 +53,7 @@ def transformer_config(model_cfg, parallel_cfg=None, *, params_dtype=torch.float
             moe_router_enable_expert_bias=True,
             moe_router_bias_update_rate=moe.bias_update_rate,
             moe_router_topk_scaling_factor=moe.routed_scaling_factor,
-            moe_router_dtype="fp32",
+            moe_router_dtype="fp64" if params_dtype == torch.float64 else "fp32",  # never below fp32
             moe_router_load_balancing_type="seq_aux_loss" if moe.aux_loss_coeff > 0 else "none",
             moe_aux_loss_coeff=moe.aux_loss_coeff,
             moe_token_dispatcher_type="alltoall",
@@ -99,9 +100,36 @@ def transformer_config(model_cfg, parallel_cfg=None, *, params_dtype=torch.float
         pipeline_model_parallel_size=pp,
         virtual_pipeline_model_parallel_size=vpp if vpp > 1 else None,
         expert_model_parallel_size=ep,
-        sequence_parallel=False,
+        # megatron requires sequence parallelism with MoE under TP; it also splits the norms' and
+        # AttnRes's per-token work (and the pipeline payloads) by TP
+        sequence_parallel=tp > 1,
+        pipeline_model_parallel_layout=megatron_pp_layout(layers_per_stage, pp, vpp),
+        **recompute_kwargs(parallel_cfg),
         **moe_kwargs,
     )
+
+
+def megatron_pp_layout(layers_per_stage, pp: int, vpp: int) -> Optional[list]:
+    """An explicit layers-per-chunk split as megatron's pipeline_model_parallel_layout (one list of
+    layer types per chunk, chunk order v·pp + p; the embedding opens chunk 0, the loss closes the
+    last). None: megatron's even split."""
+    if not layers_per_stage or pp * vpp == 1:
+        return None
+    chunks = [["decoder"] * int(n) for n in layers_per_stage]
+    chunks[0].insert(0, "embedding")
+    chunks[-1].append("loss")
+    return chunks
+
+
+def recompute_kwargs(parallel_cfg) -> dict:
+    """parallel.recompute -> megatron's recompute_* fields (full: uniform groups of layers)."""
+    mode = getattr(parallel_cfg, "recompute", "none")
+    if mode == "selective":
+        return dict(recompute_granularity="selective", recompute_modules=list(parallel_cfg.recompute_modules))
+    if mode == "full":
+        return dict(recompute_granularity="full", recompute_method="uniform",
+                    recompute_num_layers=parallel_cfg.recompute_num_layers)
+    return {}
 
 
 def local_layer_indices(config, vp_stage: Optional[int] = None, pp_rank: Optional[int] = None) -> range:

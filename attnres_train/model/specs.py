@@ -19,6 +19,7 @@ from megatron.core.transformer.transformer_block import TransformerBlockSubmodul
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
 from attnres_train.model.mla import MLACoreAttention, NoPEMLASelfAttention
+from attnres_train.model.norm import RMSNorm
 from attnres_train.model.sublayer import AttnResTransformerLayer, residual_free_bda
 
 
@@ -30,12 +31,12 @@ def _mla_spec(backend) -> ModuleSpec:
             linear_q_proj=backend.column_parallel_linear(),
             linear_q_down_proj=backend.column_parallel_linear(),
             linear_q_up_proj=backend.column_parallel_linear(),
-            linear_kv_down_proj=backend.column_parallel_linear(),
+            linear_kv_down_proj=backend.column_parallel_linear(),  # replaced: see mla.DuplicatedLinear
             linear_kv_up_proj=backend.column_parallel_linear(),
             core_attention=MLACoreAttention,
             linear_proj=backend.row_parallel_linear(),
-            q_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
-            kv_layernorm=backend.layer_norm(rms_norm=True, for_qk=True),
+            q_layernorm=RMSNorm,
+            kv_layernorm=RMSNorm,
         ),
     )
 
@@ -62,10 +63,10 @@ def layer_spec(model_cfg, layer_index: int) -> ModuleSpec:
     return ModuleSpec(
         module=AttnResTransformerLayer if attnres else TransformerLayer,
         submodules=TransformerLayerSubmodules(
-            input_layernorm=backend.layer_norm(rms_norm=True, for_qk=False),
+            input_layernorm=RMSNorm,
             self_attention=attention,
             self_attn_bda=bda,
-            pre_mlp_layernorm=backend.layer_norm(rms_norm=True, for_qk=False),
+            pre_mlp_layernorm=RMSNorm,
             mlp=copy.deepcopy(mlp),
             mlp_bda=bda,
         ),
@@ -74,8 +75,7 @@ def layer_spec(model_cfg, layer_index: int) -> ModuleSpec:
 
 def block_spec(model_cfg, layer_indices) -> TransformerBlockSubmodules:
     """Block submodules holding the specs of the given (this stage's) global layer indices."""
-    backend = LocalSpecProvider()
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec(model_cfg, i) for i in layer_indices],
-        layer_norm=backend.layer_norm(rms_norm=True, for_qk=False),
+        layer_norm=RMSNorm,
     )

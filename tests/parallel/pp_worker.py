@@ -30,15 +30,14 @@ def batches_for(cfg, num_micro: int, mbs: int):
     return out
 
 
-def run_case(cfg, P: int, V: int, num_micro: int, mbs: int, cache: bool = True) -> dict:
+def run_case(cfg, P: int, V: int, num_micro: int, mbs: int, cache: bool = True, parallel: dict | None = None) -> dict:
     import torch
     from megatron.core import parallel_state as ps
 
     from attnres_train.config.schema import ParallelConfig
-    from attnres_train.config.validate import effective_block_size
     from attnres_train.model.model import build_model
     from attnres_train.train import global_param_name as global_name
-    from parallel.layout import build_layout
+    from parallel.layout import layout_for
     from parallel.pipeline import Pipeline, _loss_func
 
     torch.manual_seed(0)
@@ -57,15 +56,16 @@ def run_case(cfg, P: int, V: int, num_micro: int, mbs: int, cache: bool = True) 
     ref_grads = {n: p.grad for n, p in ref.named_parameters()}
     ref_state = ref.state_dict()
 
+    pcfg = ParallelConfig(pp=P, vpp=V, attnres_cache=cache, **(parallel or {}))
     chunks = []
     for v in range(V):
         pre = ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=v)
         post = ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=v)
-        chunk = build_model(cfg, ParallelConfig(pp=P, vpp=V), pre_process=pre, post_process=post,
+        chunk = build_model(cfg, pcfg, pre_process=pre, post_process=post,
                             vp_stage=v if V > 1 else None)
         chunk.load_state_dict({n: ref_state[global_name(chunk, n)] for n in chunk.state_dict()})
         chunks.append(chunk)
-    layout = build_layout(cfg.num_layers, P, V, effective_block_size(cfg), cache=cache)
+    layout = layout_for(cfg, pcfg)
     pipe = Pipeline(chunks, layout, seq_length=cfg.seq_length, micro_batch_size=mbs)
     out = pipe.run(batches)
     result = {"grad_rel_err": 0.0, "num_grads": 0, "bytes": dict(pipe.comm.bytes_sent),
@@ -111,7 +111,7 @@ def main(rank: int, world: int, port: int, P: int, V: int, cases: list, out_dir:
     for case in cases:
         cfg = tiny_model_cfg(num_layers=8, layer_pattern="KKKMKKKM", seq_length=16, **case["model"])
         results[case["name"]] = run_case(cfg, P, V, case.get("num_micro", 2 * P), mbs=2,
-                                         cache=case.get("cache", True))
+                                         cache=case.get("cache", True), parallel=case.get("parallel"))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))
     ps.destroy_model_parallel()
     dist.destroy_process_group()

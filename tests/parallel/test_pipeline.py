@@ -38,17 +38,43 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _run(P, V, tmp_path):
-    mp.start_processes(pp_worker.main, args=(P, _port(), P, V, CASES, str(tmp_path)), nprocs=P,
+def _run(P, V, tmp_path, cases):
+    mp.start_processes(pp_worker.main, args=(P, _port(), P, V, cases, str(tmp_path)), nprocs=P,
                        start_method="spawn")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(P)]
 
 
 @pytest.mark.parametrize("P,V", [(2, 1), (2, 2), (4, 1), (4, 2)], ids=["pp2", "pp2-vpp2", "pp4", "pp4-vpp2"])
 def test_pipeline_equals_single_stage(P, V, tmp_path):
-    results = _run(P, V, tmp_path)
+    _check(P, V, CASES, _run(P, V, tmp_path, CASES))
+
+
+# Under PP=2 (and PP=2 x VPP=2): activation recomputation and uneven stages give the same loss and
+# gradients as the unsplit run without recomputation. Block size 3 sublayers: recompute groups and
+# stages cut through AttnRes blocks, so partial sums enter and leave checkpointed groups.
+S3 = {"residual": "block", "attnres.block_size": 3}
+SELECTIVE = {"recompute": "selective", "recompute_modules": ["core_attn", "layernorm", "mla_up_proj", "shared_experts"]}
+COMPOSED = [
+    {"name": "selective", "model": S3, "parallel": SELECTIVE},
+    {"name": "full-1", "model": S3, "parallel": {"recompute": "full", "recompute_num_layers": 1}},
+    {"name": "full-3", "model": S3, "parallel": {"recompute": "full", "recompute_num_layers": 3}},
+    {"name": "full-standard", "model": {"residual": "standard"},
+     "parallel": {"recompute": "full", "recompute_num_layers": 1}},
+]
+UNEVEN = {1: [3, 5], 2: [1, 3, 3, 1]}
+
+
+@pytest.mark.parametrize("V", [1, 2], ids=["pp2", "pp2-vpp2"])
+def test_pipeline_recompute_and_uneven_stages(V, tmp_path):
+    cases = COMPOSED + [{"name": "uneven", "model": S3, "parallel": {"layers_per_stage": UNEVEN[V]}},
+                        {"name": "uneven-full", "model": {"residual": "full"},
+                         "parallel": {"layers_per_stage": UNEVEN[V], "recompute": "full"}}]
+    _check(2, V, cases, _run(2, V, tmp_path, cases))
+
+
+def _check(P, V, cases, results):
     seq, mbs, hidden, num_micro = 16, 2, 128, 2 * P
-    for case in CASES:
+    for case in cases:
         name = case["name"]
         last = results[P - 1][name]
         assert last["loss"] == last["ref_loss"], (name, last)  # the forward is bitwise equal
@@ -60,7 +86,8 @@ def test_pipeline_equals_single_stage(P, V, tmp_path):
         # bytes on the wire equal the layout's count, forward and backward, summed over ranks
         residual = case["model"]["residual"]
         bs = {"standard": None, "full": 1}.get(residual, case["model"].get("attnres.block_size"))
-        layout = build_layout(8, P, V, bs, cache=case.get("cache", True))
+        layout = build_layout(8, P, V, bs, cache=case.get("cache", True),
+                              layers_per_stage=case.get("parallel", {}).get("layers_per_stage"))
         expected = layout.tensors_per_microbatch() * num_micro * seq * mbs * hidden * 4
         assert sum(results[r][name]["bytes"]["forward"] for r in range(P)) == expected, name
         assert sum(results[r][name]["bytes"]["backward"] for r in range(P)) == expected, name

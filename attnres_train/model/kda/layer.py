@@ -196,6 +196,8 @@ class KimiDeltaAttention(MegatronModule):
 
         self.layer_number = layer_number
         self.chunk_size, self.impl = chunk_size, impl
+        self.recompute_core = config.recompute_granularity == "selective" and "core_attn" in (
+            config.recompute_modules or ())
         if pg_collection is not None:
             self.tp_group = pg_collection.tp
         else:
@@ -352,17 +354,16 @@ class KimiDeltaAttention(MegatronModule):
         )
         beta = torch.sigmoid(proj(self.b_proj).to(cdt))  # [s, b, H/tp]
 
+        def core(q, k, v, g, beta):
+            return kda(q, k, v, g, beta, scale=K ** -0.5, chunk_size=self.chunk_size, impl=self.impl)[0]
+
         # KDA works on [b, s, H, *]; these are views, the chunked form copies once internally
-        o, _ = kda(
-            q.transpose(0, 1),
-            k.transpose(0, 1),
-            v.transpose(0, 1),
-            g.transpose(0, 1),
-            beta.transpose(0, 1),
-            scale=K ** -0.5,
-            chunk_size=self.chunk_size,
-            impl=self.impl,
-        )
+        args = (q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1), g.transpose(0, 1), beta.transpose(0, 1))
+        if self.recompute_core and self.training:
+            # selective recompute ("core_attn"): keep only the kernel's inputs, rerun it in backward
+            o = tensor_parallel.checkpoint(core, False, *args)
+        else:
+            o = core(*args)
         o = o.to(cdt).transpose(0, 1)  # [s, b, H/tp, K]
 
         gate = low_rank(self.g_a_proj, self.g_b_proj).view(s, b, Hl, K)
