@@ -8,7 +8,7 @@ ARGS    ?=
 # megatron's jit_fuser is torch.compile: slower than eager on CPU and 5-19 s to warm up.
 CPU_ENV := $(if $(HAS_GPU),,TORCHDYNAMO_DISABLE=1)
 
-.PHONY: setup train test test-fast dry-run bench clean
+.PHONY: setup train test test-fast dry-run bench profile clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	# DeepSpeed (flops profiler of attnres-train-profile) builds against the installed torch:
+	# without build isolation, or pip would fetch another (CUDA) torch to build it
+	$(BIN)/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8
 	$(if $(HAS_GPU),$(BIN)/python -m pip install --quiet -e '.[gpu]' || echo "optional GPU extras failed to install: falling back to the pure-torch paths")
 	$(BIN)/python -c "import torch, megatron.core; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
 	touch $(STAMP)
@@ -34,6 +37,10 @@ test: setup
 
 bench: setup
 	$(CPU_ENV) $(BIN)/python bench/attnres_op.py $(ARGS)
+
+# AttnRes vs its plain-residual twin: step time, memory, p2p bytes, per-module breakdown
+profile: setup
+	$(CPU_ENV) $(BIN)/attnres-train-profile $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

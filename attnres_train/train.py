@@ -14,6 +14,8 @@ import sys
 import time
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Optional
 
 import hydra
 import torch
@@ -33,28 +35,25 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def train(cfg, run_dir: Path) -> dict:
+def build_training(cfg, *, train_samples: Optional[int] = None) -> SimpleNamespace:
+    """Everything a training loop needs, built the same way for `attnres-train` and the profiler:
+    datasets, this rank's DDP-wrapped model chunks, optimizer, LR schedule, pipeline runtime."""
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    from attnres_train import checkpoint
     from attnres_train.config.validate import validate_vocab
     from attnres_train.data import build_datasets
-    from attnres_train.data.loader import MicroBatches
-    from attnres_train.diagnostics import Diagnostics
-    from attnres_train.logging import RunLogger, device_peak_flops, model_flops_per_token
     from attnres_train.model.counting import count_parameters
     from attnres_train.model.model import build_model
     from attnres_train.optim import build_optimizer, build_scheduler
-    from attnres_train.step import evaluate, train_step
     from parallel.layout import layout_for
     from parallel.pipeline import Pipeline
 
     t, m = cfg.train, cfg.model
-    rank, dp, dp_rank = dist.get_rank(), ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if t.global_batch_size % (t.micro_batch_size * dp):
         raise ConfigError("train.global_batch_size", t.global_batch_size,
                           f"must be divisible by train.micro_batch_size x data-parallel size = "
@@ -71,7 +70,7 @@ def train(cfg, run_dir: Path) -> dict:
 
     train_ds, valid_ds, tokenizer = build_datasets(
         cfg.data, seq_length=m.seq_length, seed=t.seed,
-        train_samples=t.steps * t.global_batch_size, valid_samples=None)
+        train_samples=train_samples or t.steps * t.global_batch_size, valid_samples=None)
     validate_vocab(m.vocab_size, tokenizer.vocab_size)
 
     counts = count_parameters(build_model(m, meta=True), m)  # the whole model, on the meta device
@@ -86,6 +85,27 @@ def train(cfg, run_dir: Path) -> dict:
     scheduler = build_scheduler(t, optimizer)
     layout = layout_for(m, cfg.parallel)
     pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
+    return SimpleNamespace(rank=dist.get_rank(), dp=dp, dp_rank=dp_rank, num_micro=num_micro, dtype=dtype,
+                           train_ds=train_ds, valid_ds=valid_ds, counts=counts, model_chunks=model_chunks,
+                           chunks=chunks, optimizer=optimizer, scheduler=scheduler, layout=layout,
+                           pipeline=pipeline)
+
+
+def train(cfg, run_dir: Path) -> dict:
+    import torch.distributed as dist
+
+    from attnres_train import checkpoint
+    from attnres_train.data.loader import MicroBatches
+    from attnres_train.diagnostics import Diagnostics
+    from attnres_train.logging import RunLogger, device_peak_flops, model_flops_per_token
+    from attnres_train.step import evaluate, train_step
+
+    t, m = cfg.train, cfg.model
+    run = build_training(cfg)
+    rank, dp, dp_rank, num_micro = run.rank, run.dp, run.dp_rank, run.num_micro
+    train_ds, valid_ds, counts = run.train_ds, run.valid_ds, run.counts
+    model_chunks, chunks, optimizer, scheduler = run.model_chunks, run.chunks, run.optimizer, run.scheduler
+    pipeline = run.pipeline
 
     ckpt_root = run_dir / "checkpoints"
     meta = None

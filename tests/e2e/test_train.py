@@ -93,6 +93,13 @@ def test_data_parallel_2_matches_1(cli, tmp_path):
     (["data.paths=[/nonexistent/corpus.txt]"], "data.paths"),
     (["data.tokenizer=/nonexistent/tokenizer.json"], "data.tokenizer"),
     (["model.vocab_size=256"], "model.vocab_size=256.*tokenizer has 4096"),
+    # pipeline layouts: rejected from the config alone, before any process group or build
+    (["parallel.pp=3"], r"parallel.pp=3: 4 layers do not split evenly into pp\*vpp = 3 chunks"),
+    (["parallel.pp=2", "parallel.vpp=4"], r"parallel.vpp=4: 4 layers cannot fill pp\*vpp = 8 pipeline chunks"),
+    (["parallel.pp=2", "parallel.layers_per_stage=[1,2]"],
+     r"parallel.layers_per_stage=\[1, 2\]: the counts sum to 3 but the model has model.num_layers=4"),
+    (["parallel.pp=2", "parallel.layers_per_stage=[1,1,2]"], r"parallel.layers_per_stage.*one layer count per pipeline chunk"),
+    (["parallel.recompute=selective", "parallel.recompute_modules=[moe_act]"], r"parallel.recompute_modules"),
 ])
 def test_bad_input_fails_early_with_clear_error(cli, tmp_path, overrides, match):
     import re
