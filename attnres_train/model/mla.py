@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import torch
 from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear
 from megatron.core.transformer.dot_product_attention import DotProductAttention
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.multi_latent_attention import MLASelfAttention
@@ -40,9 +41,11 @@ class NoPEMLASelfAttention(MLASelfAttention):
         if config.rope_type != "rope" or config.apply_rope_fusion:
             raise ValueError("NoPE MLA needs rope_type='rope' and apply_rope_fusion=False")
         self.rotary_pos_emb = NoPositionEmbedding(config.qk_pos_emb_head_dim, self.pg_collection.cp)
-        # built column-parallel (the only kind megatron's MLA takes without TE), used replicated
-        self.linear_kv_down_proj = DuplicatedLinear.from_column_parallel(
-            config, self.linear_kv_down_proj, self.pg_collection.tp)
+        # built column-parallel (the only kind megatron's MLA takes without TE), used replicated;
+        # the TE spec builds it replicated already (TELinear, "duplicated")
+        if isinstance(self.linear_kv_down_proj, ColumnParallelLinear):
+            self.linear_kv_down_proj = DuplicatedLinear.from_column_parallel(
+                config, self.linear_kv_down_proj, self.pg_collection.tp)
 
 
 class MLACoreAttention(DotProductAttention):

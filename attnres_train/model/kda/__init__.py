@@ -24,18 +24,28 @@ def resolve_impl(impl: str, device: torch.device, chunk_size: int) -> str:
     64), else the pure-torch chunked form.  Raises ValueError for an unknown name and
     RuntimeError for "fla" where fla cannot run.
     """
+    return explain_impl(impl, device, chunk_size)[0]
+
+
+def explain_impl(impl: str, device: torch.device, chunk_size: int) -> Tuple[str, str]:
+    """``(resolve_impl(...), why)``: the selection rule of :func:`resolve_impl` with a short
+    reason, for start-up reports (``attnres_train.model.backend``)."""
     if impl not in IMPLS:
         raise ValueError(f"unknown KDA impl {impl!r}; valid: {', '.join(IMPLS)}")
     if impl == "auto":
-        if device.type == "cuda" and chunk_size in (32, 64) and fla_available():
-            return "fla"
-        return "chunk"
+        if torch.device(device).type != "cuda":
+            return "chunk", "auto: no CUDA"
+        if chunk_size not in (32, 64):
+            return "chunk", f"auto: fla needs chunk_size 32 or 64, got {chunk_size}"
+        if not fla_available():
+            return "chunk", "auto: fla.ops.kda not importable"
+        return "fla", "auto: CUDA and fla.ops.kda"
     if impl == "fla" and not fla_available():
         raise RuntimeError(
             "impl='fla' needs CUDA and an importable fla.ops.kda "
             "(pip install flash-linear-attention); use impl='chunk' or 'auto'"
         )
-    return impl
+    return impl, f"model.kda.impl={impl}"
 
 
 def kda(
@@ -84,5 +94,6 @@ __all__ = [
     "kda_fla",
     "kda_param_count",
     "kda_recurrent",
+    "explain_impl",
     "resolve_impl",
 ]
