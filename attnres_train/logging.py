@@ -20,7 +20,10 @@ GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12
 
 
 def device_peak_flops() -> float:
-    """The device's peak: a table for GPUs; on CPU a measured fp32 GEMM rate (0.2 s probe)."""
+    """The device's peak: $ATTNRES_PEAK_FLOPS if set, else a table for GPUs; on CPU a measured
+    fp32 GEMM rate (0.2 s probe)."""
+    if os.environ.get("ATTNRES_PEAK_FLOPS"):
+        return float(os.environ["ATTNRES_PEAK_FLOPS"])
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAK_FLOPS.items():

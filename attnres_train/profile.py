@@ -272,6 +272,8 @@ def summarize(base: dict, attn: dict, *, command: str, name: str, repeats: list)
     per_tensor = attn["per_tensor_step_bytes"]
     eq7 = paper_eq7(P, V, Np) * per_tensor if Np and P > 1 else None
     eq8 = paper_eq8(P, V, Np) * per_tensor if Np and P > 1 else None
+    # the overhead is the median of the per-pair ratios (each pair ran back to back), which
+    # cancels slow drifts of the machine better than a ratio of two medians
     ratios = [r["attnres"] / r["baseline"] for r in repeats]
     return {
         "name": name,
@@ -284,7 +286,7 @@ def summarize(base: dict, attn: dict, *, command: str, name: str, repeats: list)
         "world_size": attn["world_size"], "dp": attn["dp"], "num_micro": attn["num_micro"],
         "step_time_baseline_s": base["step_time_s"],
         "step_time_attnres_s": attn["step_time_s"],
-        "overhead": attn["step_time_s"] / base["step_time_s"] - 1,
+        "overhead": statistics.median(ratios) - 1,
         "overhead_per_repeat": [r - 1 for r in ratios],
         "tokens_per_s_baseline": base["tokens_per_s"], "tokens_per_s_attnres": attn["tokens_per_s"],
         "mfu_baseline": base["mfu"], "mfu_attnres": attn["mfu"],
@@ -324,9 +326,12 @@ def markdown(res: dict) -> str:
         f"| peak memory | {_mib(res['peak_mem_baseline_bytes'])} | {_mib(res['peak_mem_attnres_bytes'])} |",
         f"| p2p bytes / step (measured) | {_mib(res['bytes_per_step_baseline'])} | {_mib(res['bytes_per_step'])} |",
         "",
-        f"**overhead = AttnRes / baseline − 1 = {res['overhead']:+.2%}**"
+        f"**overhead = AttnRes / baseline − 1 = {res['overhead']:+.2%}** (median over back-to-back pairs)"
         + (f" (per repeat: {', '.join(f'{o:+.2%}' for o in res['overhead_per_repeat'])})"
            if len(res["overhead_per_repeat"]) > 1 else ""),
+        "",
+        "Pairs alternate their order (baseline first, then AttnRes first, ...): on a shared machine the"
+        " second run of a pair can be slower, which the alternation and the median cancel.",
         "",
         "| p2p bytes per step (fwd+bwd, whole job) | |",
         "|---|---:|",
@@ -382,6 +387,11 @@ def main(argv=None) -> None:
 
     env = dict(os.environ)
     import torch
+
+    from attnres_train.logging import device_peak_flops
+
+    # one peak for both runs, so their MFUs differ only by their step times
+    env.setdefault("ATTNRES_PEAK_FLOPS", repr(device_peak_flops()))
 
     if not torch.cuda.is_available():
         env.setdefault("TORCHDYNAMO_DISABLE", "1")

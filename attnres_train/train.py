@@ -121,6 +121,9 @@ def train(cfg, run_dir: Path) -> dict:
                   "to train. Raise train.steps to continue it, or pick a new hydra.run.dir.")
         return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
 
+    from attnres_train.model.backend import select_backend
+
+    backend = select_backend(m)  # every rank: a missing fast path raises here, not mid-step
     resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     logger = RunLogger(run_dir, cfg, total_steps=t.steps, enabled=rank == 0, resolved_config=resolved)
     if rank == 0:
@@ -129,6 +132,7 @@ def train(cfg, run_dir: Path) -> dict:
               f"({counts['params_active']:,} active); {len(train_ds):,} train / {len(valid_ds):,} valid "
               f"samples of {m.seq_length} tokens; run dir {run_dir}"
               + (f"; resumed from step {start}" if start else ""), flush=True)
+        print(backend.describe(), flush=True)
     embed = counts["table"].get("embedding", (0, 0))[0]
     flops_per_token = model_flops_per_token(m, counts["params_active"] - embed)
     peak = device_peak_flops()
@@ -266,7 +270,12 @@ def run(cfg, run_dir: Path):
     cpu_compat.apply()
     from parallel.groups import destroy_distributed, init_distributed
 
-    init_distributed(cfg.parallel)
+    if cfg.train.dry_run:  # one process plans any layout: the plan reads the sizes from cfg.parallel
+        from attnres_train.plan import single_process_parallel
+
+        init_distributed(single_process_parallel(cfg.parallel))
+    else:
+        init_distributed(cfg.parallel)
     try:
         if cfg.train.dry_run:
             from attnres_train.plan import dry_run
