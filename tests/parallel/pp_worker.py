@@ -109,7 +109,7 @@ def main(rank: int, world: int, port: int, P: int, V: int, cases: list, out_dir:
     model_parallel_cuda_manual_seed(0)
     results = {}
     for case in cases:
-        cfg = tiny_model_cfg(num_layers=8, layer_pattern="KKKMKKKM", seq_length=16, **case["model"])
+        cfg = tiny_model_cfg(**{"num_layers": 8, "layer_pattern": "KKKMKKKM", "seq_length": 16, **case["model"]})
         results[case["name"]] = run_case(cfg, P, V, case.get("num_micro", 2 * P), mbs=2,
                                          cache=case.get("cache", True), parallel=case.get("parallel"))
     Path(out_dir, f"rank{rank}.json").write_text(json.dumps(results))

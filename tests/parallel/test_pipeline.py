@@ -16,7 +16,7 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
-from parallel.layout import build_layout
+from parallel.layout import build_layout, expected_aligned, paper_eq8
 from tests.parallel import pp_worker
 
 pytestmark = pytest.mark.slow
@@ -72,7 +72,23 @@ def test_pipeline_recompute_and_uneven_stages(V, tmp_path):
     _check(2, V, cases, _run(2, V, tmp_path, cases))
 
 
-def _check(P, V, cases, results):
+# Three virtual stages (12 layers, 6 chunks of 2 layers): N_p = 2 (block size 2) and N_p = 1
+# (block size 4) blocks per chunk; the measured bytes equal the closed form, below Eq. 8.
+L12 = {"num_layers": 12, "layer_pattern": "KKKMKKKMKKKM"}
+VPP3 = [{"name": "block-S2-np2", "model": {**L12, "residual": "block", "attnres.block_size": 2}},
+        {"name": "block-S4-np1", "model": {**L12, "residual": "block", "attnres.block_size": 4}}]
+
+
+def test_pipeline_vpp3_closed_form(tmp_path):
+    results = _run(2, 3, tmp_path, VPP3)
+    _check(2, 3, VPP3, results, num_layers=12)
+    seq, mbs, hidden, num_micro = 16, 2, 128, 4
+    for case, np_ in zip(VPP3, (2, 1)):
+        tensors = sum(results[r][case["name"]]["bytes"]["forward"] for r in range(2)) // (seq * mbs * hidden * 4 * num_micro)
+        assert tensors == expected_aligned(2, 3, np_) < paper_eq8(2, 3, np_), (case["name"], tensors)
+
+
+def _check(P, V, cases, results, num_layers=8):
     seq, mbs, hidden, num_micro = 16, 2, 128, 2 * P
     for case in cases:
         name = case["name"]
@@ -86,7 +102,7 @@ def _check(P, V, cases, results):
         # bytes on the wire equal the layout's count, forward and backward, summed over ranks
         residual = case["model"]["residual"]
         bs = {"standard": None, "full": 1}.get(residual, case["model"].get("attnres.block_size"))
-        layout = build_layout(8, P, V, bs, cache=case.get("cache", True),
+        layout = build_layout(num_layers, P, V, bs, cache=case.get("cache", True),
                               layers_per_stage=case.get("parallel", {}).get("layers_per_stage"))
         expected = layout.tensors_per_microbatch() * num_micro * seq * mbs * hidden * 4
         assert sum(results[r][name]["bytes"]["forward"] for r in range(P)) == expected, name
