@@ -35,7 +35,7 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def build_training(cfg, *, train_samples: Optional[int] = None) -> SimpleNamespace:
+def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Optional[Path] = None) -> SimpleNamespace:
     """Everything a training loop needs, built the same way for `attnres-train` and the profiler:
     datasets, this rank's DDP-wrapped model chunks, optimizer, LR schedule, pipeline runtime."""
     import torch.distributed as dist
@@ -74,7 +74,8 @@ def build_training(cfg, *, train_samples: Optional[int] = None) -> SimpleNamespa
     validate_vocab(m.vocab_size, tokenizer.vocab_size)
 
     counts = count_parameters(build_model(m, meta=True), m)  # the whole model, on the meta device
-    model_chunks = build_chunks(m, cfg.parallel, dtype, layout_independent_init=t.layout_independent_init)
+    model_chunks = build_chunks(m, cfg.parallel, dtype, layout_independent_init=t.layout_independent_init,
+                                seed=t.seed, scratch_dir=scratch_dir)
     ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
                                                use_distributed_optimizer=dp > 1)
     chunks = [DistributedDataParallel(c.config, ddp_config, c) for c in model_chunks]
@@ -101,7 +102,7 @@ def train(cfg, run_dir: Path) -> dict:
     from attnres_train.step import evaluate, train_step
 
     t, m = cfg.train, cfg.model
-    run = build_training(cfg)
+    run = build_training(cfg, scratch_dir=run_dir)
     rank, dp, dp_rank, num_micro = run.rank, run.dp, run.dp_rank, run.num_micro
     train_ds, valid_ds, counts = run.train_ds, run.valid_ds, run.counts
     model_chunks, chunks, optimizer, scheduler = run.model_chunks, run.chunks, run.optimizer, run.scheduler
@@ -203,28 +204,95 @@ def train(cfg, run_dir: Path) -> dict:
     return summary
 
 
-def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: bool = False) -> list:
+def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: bool = False, seed: int = 0,
+                 scratch_dir: Optional[Path] = None) -> list:
     """This rank's model chunks: one per virtual pipeline stage."""
     from megatron.core import parallel_state as ps
 
     from attnres_train.model.model import build_model
 
-    vpp = parallel_cfg.vpp
-    reference = None
     if layout_independent_init:
-        reference = build_model(model_cfg, params_dtype=dtype).state_dict()
+        save_unsplit_init(model_cfg, parallel_cfg, dtype, seed, scratch_dir)
+    vpp = parallel_cfg.vpp
     chunks = []
     for v in range(vpp):
         vp_stage = v if vpp > 1 else None
         chunk = build_model(model_cfg, parallel_cfg, params_dtype=dtype, vp_stage=vp_stage,
                             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
-        if reference is not None:
-            chunk.load_state_dict({n: reference[global_param_name(chunk, n)] for n in chunk.state_dict()})
-        if torch.cuda.is_available():
-            chunk.cuda()
         chunks.append(chunk)
+    if layout_independent_init:
+        load_unsplit_init(chunks, scratch_dir)
+    if torch.cuda.is_available():
+        for chunk in chunks:
+            chunk.cuda()
     return chunks
+
+
+def _unsplit_init_dir(scratch_dir: Optional[Path]) -> Path:
+    """One directory every rank agrees on: under the run dir (shared by the nodes, like the
+    checkpoints), or a temporary one made by rank 0 (single node)."""
+    import tempfile
+
+    import torch.distributed as dist
+
+    path = [str(Path(scratch_dir) / ".unsplit-init") if scratch_dir else
+            (tempfile.mkdtemp(prefix="attnres-init-") if dist.get_rank() == 0 else None)]
+    dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
+def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, scratch_dir: Optional[Path]) -> None:
+    """The unsplit model's initial weights (what one process gets from `seed`) as a megatron
+    distributed checkpoint, so that any TP/PP/EP layout can start from them: dist_checkpointing
+    reshards (TP slices, expert ranges, pipeline layer ranges), which a name mapping cannot.
+    Every rank builds the whole model under TP=PP=EP=1 groups; the run's groups are restored after."""
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from attnres_train.config.schema import ParallelConfig
+    from attnres_train.model.model import build_model
+    from parallel.groups import init_model_parallel
+
+    path = _unsplit_init_dir(scratch_dir)
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    ps.destroy_model_parallel()
+    init_model_parallel(ParallelConfig())
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    reference = build_model(model_cfg, params_dtype=dtype)
+    dist_checkpointing.save({"model": reference.sharded_state_dict()}, str(path), sharded_strategy=("torch_dist", 1))
+    del reference
+    ps.destroy_model_parallel()
+    init_model_parallel(parallel_cfg)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+
+
+def load_unsplit_init(chunks: list, scratch_dir: Optional[Path]) -> None:
+    import shutil
+
+    import torch.distributed as dist
+    from megatron.core import dist_checkpointing
+
+    path = _unsplit_init_dir(scratch_dir)
+    for chunk in chunks:
+        state = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(path),
+                                        sharded_strategy=("torch_dist", 1))
+        result = chunk.load_state_dict(state["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"unsplit init: missing {missing}, unexpected {result.unexpected_keys}")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 def global_param_name(chunk, name: str) -> str:

@@ -49,12 +49,19 @@ def init_distributed(parallel_cfg) -> None:
         dist.init_process_group(backend)
     check_world_size(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.ep)
     if not parallel_state.model_parallel_is_initialized():
-        parallel_state.initialize_model_parallel(
-            tensor_model_parallel_size=parallel_cfg.tp,
-            pipeline_model_parallel_size=parallel_cfg.pp,
-            virtual_pipeline_model_parallel_size=parallel_cfg.vpp if parallel_cfg.vpp > 1 else None,
-            expert_model_parallel_size=parallel_cfg.ep,
-        )
+        init_model_parallel(parallel_cfg)
+
+
+def init_model_parallel(parallel_cfg) -> None:
+    """megatron's model-parallel groups for these sizes (data parallel takes the rest)."""
+    from megatron.core import parallel_state
+
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel_cfg.tp,
+        pipeline_model_parallel_size=parallel_cfg.pp,
+        virtual_pipeline_model_parallel_size=parallel_cfg.vpp if parallel_cfg.vpp > 1 else None,
+        expert_model_parallel_size=parallel_cfg.ep,
+    )
 
 
 def destroy_distributed() -> None:

@@ -117,9 +117,10 @@ class TrainConfig:
     micro_batch_size: int = 8
     global_batch_size: int = 32  # = micro_batch_size x data-parallel size x accumulation steps
     dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | fp32 | bf16
-    # Initialise every pipeline chunk with the weights the unsplit model gets from train.seed (builds
-    # the whole model once per rank): runs with different parallel layouts start identical.
-    # For comparing layouts at small scale.
+    # Initialise every rank's model chunks with the weights the unsplit model gets from train.seed
+    # (builds the whole model once per rank and reshards it through a distributed checkpoint under
+    # the run dir): runs with different TP/PP/VPP/EP layouts start identical. For comparing layouts
+    # at small scale.
     layout_independent_init: bool = False
     # AdamW with warmup, then cosine or WSD (warmup-stable-decay) down to min_lr
     lr: float = 3e-3

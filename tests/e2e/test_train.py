@@ -86,6 +86,23 @@ def test_data_parallel_2_matches_1(cli, tmp_path):
         assert abs(a[step] - b[step]) <= 2e-5 * abs(a[step]), (step, a[step], b[step])
 
 
+@pytest.mark.parametrize("layout", [["parallel.tp=2"], ["parallel.ep=2"]], ids=["tp2", "ep2"])
+def test_tensor_and_expert_parallel_training_match_one_process(cli, tmp_path, layout):
+    """The trainer under TP=2 (sequence parallel) or EP=2 (x DP=2) follows the one-process loss
+    curve from the same initial weights, checkpoints included (saved every 2 steps).
+
+    Tolerance: 1e-4 relative per step (fp32 reassociation through a few Adam steps)."""
+    common = ["train.layout_independent_init=true", "train.steps=4", "train.save_interval=2"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    cli(one, *common)
+    cli(two, *common, *layout, nproc=2)
+    a, b = losses(one), losses(two)
+    assert a.keys() == b.keys() and len(a) == 4
+    for step in a:
+        assert abs(a[step] - b[step]) <= 1e-4 * abs(a[step]), (step, a[step], b[step])
+    assert (two / "checkpoints").is_dir()
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["train.global_batch_size=10"], "train.global_batch_size=10: must be divisible by train.micro_batch_size"),
     (["parallel.tp=2"], "world size 1 is not divisible by tp\\*pp=2"),
