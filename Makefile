@@ -8,7 +8,7 @@ ARGS    ?=
 # megatron's jit_fuser is torch.compile: slower than eager on CPU and 5-19 s to warm up.
 CPU_ENV := $(if $(HAS_GPU),,TORCHDYNAMO_DISABLE=1)
 
-.PHONY: setup train test test-fast dry-run bench profile clean
+.PHONY: setup train test test-fast dry-run bench profile gpu-bench clean
 
 setup: $(STAMP)
 
@@ -41,6 +41,10 @@ bench: setup
 # AttnRes vs its plain-residual twin: step time, memory, p2p bytes, per-module breakdown
 profile: setup
 	$(CPU_ENV) $(BIN)/attnres-train-profile $(ARGS)
+
+# GPU tests + op and model benchmarks on a CUDA machine (results under bench/results/)
+gpu-bench: setup
+	PYTHON=$(BIN)/python bash bench/gpu_suite.sh
 
 clean:
 	rm -rf $(VENV) runs outputs .pytest_cache

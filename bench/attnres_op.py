@@ -239,6 +239,37 @@ def cuda_peak_bytes(fn, p, device):
     return torch.cuda.max_memory_allocated(device) - base
 
 
+# HBM peak bandwidth of the devices we benchmark on (vendor figures, bytes/s)
+PEAK_BANDWIDTH = {"H200": 4.8e12, "H100 PCIe": 2.0e12, "H100 NVL": 3.9e12, "H100": 3.35e12,
+                  "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12}
+
+PRESETS = {  # --preset: (completed sources incl. embedding, sublayers per block)
+    "kimi48b": (9, 6),  # the last block of Kimi-Linear-48B: 27 layers = 54 sublayers, S=6
+    "paper": (8, 16),   # the paper's L=128 sublayers, N=8 blocks of S=16: the last block
+}
+
+
+def peak_bandwidth(device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, bw in PEAK_BANDWIDTH.items():
+        if key in name:
+            return bw
+    return None
+
+
+def min_traffic_bytes(args, itemsize: int) -> dict:
+    """The two-phase schedule's minimum memory traffic for one block (a lower bound for every
+    variant; achieved bandwidth = this / time). Forward: read the n completed sources once
+    (phase 1), write the S phase-1 outputs, then per sublayer read o_i and the partial sum and
+    write h_i: (n + 4S)·T·D. Backward reads each forward tensor again and writes the gradients of
+    the n sources, the S outputs and the partials: counted as twice the forward, a rough bound."""
+    act = args.tokens * args.dim * itemsize
+    fwd = (args.blocks + 4 * args.sublayers) * act
+    return {"fwd_ms": fwd, "fwd_bwd_ms": 3 * fwd}
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -254,7 +285,12 @@ def main(argv=None):
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--out-dir", default=str(REPO / "bench" / "results"))
+    ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
+                    help="set --blocks/--sublayers: kimi48b (9, 6) or paper (L=128, N=8, S=16: 8, 16)")
+    ap.add_argument("--name", default=None, help="result file stem (default attnres_op_<device>_<date>)")
     args = ap.parse_args(argv)
+    if args.preset:
+        args.blocks, args.sublayers = PRESETS[args.preset]
 
     device = torch.device(args.device)
     dtype_name = args.dtype or ("bfloat16" if device.type == "cuda" else "float32")
@@ -276,6 +312,12 @@ def main(argv=None):
         res["saved_activations"] = res["saved_bytes"] / act_bytes
         if device.type == "cuda":
             res["peak_bytes"] = cuda_peak_bytes(fn, p, device)
+        traffic = min_traffic_bytes(args, dtype.itemsize)
+        for key in ("fwd_ms", "fwd_bwd_ms"):
+            gbs = traffic[key] / (res[key] / 1e3)
+            res[key.replace("_ms", "_bandwidth_bytes_per_s")] = gbs
+            if peak_bandwidth(device):
+                res[key.replace("_ms", "_bandwidth_fraction")] = gbs / peak_bandwidth(device)
         print(f"{name:10s} fwd {res['fwd_ms']:9.2f} ms  fwd+bwd {res['fwd_bwd_ms']:9.2f} ms  "
               f"saved {res['saved_bytes'] / 2**20:9.1f} MiB", flush=True)
 
@@ -312,7 +354,9 @@ def main(argv=None):
     slug = "cpu"
     if device.type != "cpu":
         slug = re.sub(r"[^a-z0-9]+", "-", dev_name.lower()).strip("-")
-    stem = out_dir / f"attnres_op_{slug}_{now:%Y-%m-%d}"
+    stem = out_dir / (args.name or f"attnres_op_{slug}_{now:%Y-%m-%d}")
+    meta["peak_bandwidth_bytes_per_s"] = peak_bandwidth(device)
+    meta["min_traffic_bytes"] = min_traffic_bytes(args, dtype.itemsize)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "results": results}, indent=2) + "\n")
 
     has_peak = device.type == "cuda"
@@ -334,15 +378,22 @@ def main(argv=None):
         f"o ([S, T, D], {args.sublayers} activations) for the merges' backward; naive saves the "
         "stacked sources and normalised keys per sublayer",
         "",
+        "- bandwidth: the two-phase schedule's minimum traffic ((n + 4S)·T·D forward, x3 with "
+        "backward) over the time" + (f"; % of the device's {peak_bandwidth(device) / 1e12:.2f} TB/s HBM peak"
+                                      if peak_bandwidth(device) else ""),
+        "",
         "| variant | fwd ms | fwd+bwd ms | fwd × res | fwd+bwd × res | saved MiB | saved (acts) |"
-        + (" peak MiB | peak × res |" if has_peak else ""),
-        "|---|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_peak else ""),
+        " fwd GB/s | fwd+bwd GB/s |" + (" peak MiB | peak × res |" if has_peak else ""),
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|---:|" if has_peak else ""),
     ]
     for name, r in results.items():
         row = (f"| {name} | {r['fwd_ms']:.2f} | {r['fwd_bwd_ms']:.2f} | "
                f"{r.get('fwd_ratio', float('nan')):.2f} | "
                f"{r.get('fwd_bwd_ratio', float('nan')):.2f} | "
-               f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_activations']:.2f} |")
+               f"{r['saved_bytes'] / 2**20:.1f} | {r['saved_activations']:.2f} | "
+               + " | ".join(f"{r[k + '_bandwidth_bytes_per_s'] / 1e9:,.0f}"
+                            + (f" ({r[k + '_bandwidth_fraction']:.0%})" if k + "_bandwidth_fraction" in r else "")
+                            for k in ("fwd", "fwd_bwd")) + " |")
         if has_peak:
             row += f" {r['peak_bytes'] / 2**20:.1f} | {r.get('peak_ratio', float('nan')):.2f} |"
         lines.append(row)
