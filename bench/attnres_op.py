@@ -12,6 +12,7 @@ cotangents into them):
     lean       attnres_lean per sublayer (memory-lean custom Function, no batching)
     two_phase  attnres_phase1 once for the block + attnres_merge per sublayer
     triton     two_phase on the fused Triton kernels (listed only on CUDA with triton installed)
+    fla        flash-linear-attention's fused_attnres per sublayer (CUDA, where fla provides it)
 
 Measured: forward and forward+backward wall time (median over --reps after --warmup), and
 memory: on CUDA the peak allocation above the pre-existing tensors during fwd+bwd; on every
@@ -148,6 +149,30 @@ VARIANTS = {
 }
 if torch.cuda.is_available() and triton_available():
     VARIANTS["triton"] = run_triton
+
+
+def _fla_fused_attnres():
+    """flash-linear-attention's single-query fused op (fla.ops.attnres, FLA PR #878), if installed."""
+    try:
+        from fla.ops.attnres import fused_attnres
+    except Exception:
+        return None
+    return fused_attnres
+
+
+def run_fla(p):
+    """fla's fused_attnres per sublayer (it has no batched phase 1): the peer baseline. Its query
+    and key-norm gain are separate arguments, like ours; the gain stays in the sources' dtype."""
+    op = _fla_fused_attnres()
+
+    def one(sources, query, gamma, eps):
+        return op(query.to(sources[0].dtype), list(sources), gamma.to(sources[0].dtype), rms_eps=eps)
+
+    return _per_sublayer(p, one)
+
+
+if torch.cuda.is_available() and _fla_fused_attnres() is not None:
+    VARIANTS["fla"] = run_fla
 
 
 # --------------------------------------------------------------------------- measurement
