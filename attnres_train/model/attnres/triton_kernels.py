@@ -70,16 +70,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from .two_phase import _stat_dtype, check_phase1_args
+
 __all__ = ["attnres_phase1_triton", "attnres_merge_triton"]
 
 #: (BLOCK_T, BLOCK_D, num_warps) per kernel. Overridable (tests shrink them for the interpreter).
 FWD_TILE = (16, 64, 8)
 BWD_TILE = (16, 32, 8)
 MERGE_TILE = (8, 128, 4)
-
-
-def _stat_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -443,17 +441,7 @@ def attnres_phase1_triton(
     blocks: Sequence[Tensor], queries: Tensor, gammas: Tensor, eps: float
 ) -> tuple[Tensor, Tensor]:
     """Triton version of :func:`.two_phase.attnres_phase1` (same arguments and results)."""
-    if len(blocks) == 0:
-        raise ValueError("attnres_phase1 needs at least one block")
-    shape = blocks[0].shape
-    for b in blocks:
-        if b.shape != shape or b.dtype != blocks[0].dtype or b.device != blocks[0].device:
-            raise ValueError("all blocks must share shape, dtype and device")
-    if queries.dim() != 2 or queries.shape != gammas.shape or queries.shape[-1] != shape[-1]:
-        raise ValueError(
-            f"queries/gammas must be [S, D] with D={shape[-1]}, got "
-            f"{tuple(queries.shape)} / {tuple(gammas.shape)}"
-        )
+    check_phase1_args(blocks, queries, gammas)
     return _Phase1Triton.apply(eps, queries, gammas, *blocks)
 
 

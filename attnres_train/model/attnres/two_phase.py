@@ -177,18 +177,23 @@ def attnres_phase1(
         ``promote_types(dtype, float32)``, the log-sum-exp of the logits, which
         :func:`attnres_merge` needs to fold in one more source exactly.
     """
+    check_phase1_args(blocks, queries, gammas)
+    return _Phase1.apply(eps, queries, gammas, *blocks)
+
+
+def check_phase1_args(blocks: Sequence[Tensor], queries: Tensor, gammas: Tensor) -> None:
+    """Phase 1's contract (shared by the Triton kernels): blocks alike, queries/gammas [S, D]."""
     if len(blocks) == 0:
         raise ValueError("attnres_phase1 needs at least one block")
     shape = blocks[0].shape
     for b in blocks:
-        if b.shape != shape or b.dtype != blocks[0].dtype:
-            raise ValueError("all blocks must share shape and dtype")
+        if b.shape != shape or b.dtype != blocks[0].dtype or b.device != blocks[0].device:
+            raise ValueError("all blocks must share shape, dtype and device")
     if queries.dim() != 2 or queries.shape != gammas.shape or queries.shape[-1] != shape[-1]:
         raise ValueError(
             f"queries/gammas must be [S, D] with D={shape[-1]}, got "
             f"{tuple(queries.shape)} / {tuple(gammas.shape)}"
         )
-    return _Phase1.apply(eps, queries, gammas, *blocks)
 
 
 class _Merge(torch.autograd.Function):
