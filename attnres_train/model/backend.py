@@ -146,7 +146,13 @@ def _attnres_kernel(model_cfg, device: torch.device) -> tuple[str, str]:
         return kernel, f"{KERNEL_ENV}={env}"
     if kernel == "triton":
         return kernel, "auto: CUDA and triton"
-    return kernel, "auto: no CUDA" if device.type != "cuda" else "auto: triton not installed"
+    if device.type != "cuda":
+        return kernel, "auto: no CUDA"
+    from attnres_train.model.attnres import triton_available, triton_self_check
+
+    if not triton_available():
+        return kernel, "auto: triton not installed"
+    return kernel, f"auto: Triton kernels failed their self-check ({triton_self_check(device.type)})"
 
 
 def linear_for_build() -> str:

@@ -324,7 +324,8 @@ def test_dispatch_selection(monkeypatch):
     o, lse = attnres_pkg.attnres_phase1_auto(blocks, queries, gammas, EPS)
     attnres_pkg.attnres_merge_auto(o[0], lse[0], blocks[1], queries[0], gammas[0], EPS)
     assert MOD not in sys.modules
-    # CUDA default: triton (installed here)
+    # CUDA default: triton (installed here), once the kernels pass their self-check
+    monkeypatch.setattr(attnres_pkg, "triton_self_check", lambda device_type="cuda": None)
     assert attnres_pkg.kernel_backend("cuda") == "triton"
     # overrides
     monkeypatch.setenv("ATTNRES_KERNEL", "torch")
@@ -468,3 +469,28 @@ def test_block_schedule_small(tk, dtype):
 def test_gpu_real_shapes(tk_gpu, dtype):
     """Kimi-48B shapes: T=4096 tokens, D=2304, n=10 completed sources, S=6 queries."""
     _block_schedule_check(tk_gpu, dtype, "cuda", tok=4096, dim=2304, n=10, num_q=6)
+
+
+def test_failed_self_check_falls_back_to_torch(monkeypatch):
+    """auto never selects kernels that fail to build or disagree with the torch path."""
+    monkeypatch.delenv("ATTNRES_KERNEL", raising=False)
+    attnres_pkg.triton_self_check.cache_clear()
+
+    def broken(device_type):
+        raise RuntimeError("PTX compile failed\ndetails")
+
+    monkeypatch.setattr(attnres_pkg, "_compare_kernels", broken)
+    with pytest.warns(UserWarning, match="Triton kernels disabled.*PTX compile failed"):
+        assert attnres_pkg.kernel_backend("cuda") == "torch"
+    assert attnres_pkg.triton_self_check("cuda") == "RuntimeError: PTX compile failed"
+    monkeypatch.setattr(attnres_pkg, "_compare_kernels", lambda device_type: "self-check mismatch: 1e-1")
+    attnres_pkg.triton_self_check.cache_clear()
+    with pytest.warns(UserWarning, match="mismatch"):
+        assert attnres_pkg.kernel_backend("cuda") == "torch"
+    attnres_pkg.triton_self_check.cache_clear()
+
+
+@interp
+def test_self_check_passes_under_interpreter(tk):
+    """The self-check itself (phase 1 + merge, fwd + bwd, Triton vs torch) on the interpreter."""
+    assert attnres_pkg._compare_kernels("cpu") is None

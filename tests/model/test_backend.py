@@ -51,6 +51,7 @@ def fake_gpu(clean_env):
     clean_env.setattr(backend_mod, "te_version", lambda: "2.8.0")
     clean_env.setattr(fla_mod, "_fla_importable", lambda: True)
     clean_env.setattr(attnres_pkg, "triton_available", lambda: True)
+    clean_env.setattr(attnres_pkg, "triton_self_check", lambda device_type="cuda": None)
     return clean_env
 
 
@@ -73,6 +74,15 @@ def test_gpu_auto_selects_te_fla_triton(fake_gpu):
     assert (b.linear, b.kda, b.attnres_kernel, b.device) == ("te", "fla", "triton", "cuda")
     assert b.describe() == ("backend: linear=te (transformer-engine 2.8.0), kda=fla (auto: CUDA and "
                             "fla.ops.kda), attnres=triton (auto: CUDA and triton)")
+
+
+def test_gpu_triton_failing_its_self_check_is_reported(fake_gpu):
+    from attnres_train.model import attnres as attnres_pkg
+
+    fake_gpu.setattr(attnres_pkg, "triton_self_check", lambda device_type="cuda": "RuntimeError: no PTX")
+    b = select_backend(_cfg())
+    assert b.attnres_kernel == "torch"
+    assert b.attnres_reason == "auto: Triton kernels failed their self-check (RuntimeError: no PTX)"
 
 
 def test_gpu_kda_chunk_size_fla_cannot_run(fake_gpu):

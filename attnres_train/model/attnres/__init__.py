@@ -44,7 +44,8 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import Callable, Sequence
+import warnings
+from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -130,7 +131,51 @@ def kernel_backend(device: torch.device | str) -> str:
         return "triton"
     if choice != "auto":
         raise ValueError(f"{KERNEL_ENV}={choice!r}: use torch, triton or auto")
-    return "triton" if torch.device(device).type == "cuda" and triton_available() else "torch"
+    if torch.device(device).type != "cuda" or not triton_available():
+        return "torch"
+    return "torch" if triton_self_check(torch.device(device).type) else "triton"
+
+
+@functools.lru_cache(maxsize=None)
+def triton_self_check(device_type: str = "cuda") -> Optional[str]:
+    """None if the Triton kernels compile on this device and match the torch path on a small
+    problem (phase 1 + merge, forward and backward, fp32); else why not. Run once per process
+    before `auto` selects Triton, so a kernel that fails to build on an untested GPU/driver
+    falls back to the torch path with a warning instead of ending the run."""
+    try:
+        reason = _compare_kernels(device_type)
+    except Exception as exc:  # noqa: BLE001 - any failure means: do not use the kernels
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if reason:
+        warnings.warn(f"AttnRes Triton kernels disabled, using the torch path ({reason})")
+    return reason
+
+
+def _compare_kernels(device_type: str, tol: float = 1e-4) -> Optional[str]:
+    from .triton_kernels import attnres_merge_triton, attnres_phase1_triton
+
+    g = torch.Generator().manual_seed(0)
+
+    def make():
+        blocks = [torch.randn(2, 32, 128, generator=g) for _ in range(3)]
+        q, w = 0.3 * torch.randn(2, 128, generator=g), 1 + 0.1 * torch.randn(2, 128, generator=g)
+        part = torch.randn(2, 32, 128, generator=g)
+        return [t.to(device_type).requires_grad_() for t in (*blocks, q, w, part)]
+
+    inputs = make()
+    results = []
+    for phase1, merge in ((attnres_phase1, attnres_merge), (attnres_phase1_triton, attnres_merge_triton)):
+        leaves = [t.detach().clone().requires_grad_() for t in inputs]
+        *blocks, q, w, part = leaves
+        o, lse = phase1(blocks, q, w, 1e-6)
+        h = merge(o[1], lse[1], part, q[1], w[1], 1e-6)
+        (o[0].square().sum() + h.square().sum()).backward()
+        results.append([o.detach(), lse.detach(), h.detach()] + [t.grad for t in leaves])
+    for ref, got in zip(*results):
+        err = ((got - ref).norm() / ref.norm().clamp(min=1e-30)).item()
+        if not err <= tol:
+            return f"self-check mismatch: relative error {err:.2e} > {tol:g}"
+    return None
 
 
 def phase1_fn(device: torch.device | str) -> Callable[..., tuple[Tensor, Tensor]]:
