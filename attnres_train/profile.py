@@ -53,16 +53,6 @@ def _device_name() -> str:
     return f"CPU: {model} ({os.cpu_count()} cores visible)"
 
 
-def _peak_memory_bytes() -> int:
-    import torch
-
-    if torch.cuda.is_available():
-        return torch.cuda.max_memory_allocated()
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # this process's peak RSS
-
-
 def classify(name: str, module) -> str | None:
     """The breakdown row a module's forward time/FLOPs go to (None: counted via its children)."""
     parts = name.split(".")
@@ -115,7 +105,7 @@ def module_breakdown(model_chunks) -> dict:
     return rows
 
 
-def run_variant(cfg, run_dir: Path, *, warmup: int, steps: int, flops: bool) -> dict:
+def run_variant(cfg, *, warmup: int, steps: int, flops: bool) -> dict:
     """Train warmup+steps steps (+1 profiled step) and measure; returns the record on rank 0."""
     import torch
     import torch.distributed as dist
@@ -124,7 +114,7 @@ def run_variant(cfg, run_dir: Path, *, warmup: int, steps: int, flops: bool) -> 
     from attnres_train.data.loader import MicroBatches
     from attnres_train.logging import device_peak_flops, model_flops_per_token
     from attnres_train.step import train_step
-    from attnres_train.train import build_training
+    from attnres_train.train import build_training, peak_memory_bytes
 
     t, m = cfg.train, cfg.model
     total = warmup + steps + int(flops)
@@ -151,7 +141,7 @@ def run_variant(cfg, run_dir: Path, *, warmup: int, steps: int, flops: bool) -> 
             times.append(time.perf_counter() - tic)
             step_bytes.append(sum(comm.bytes_sent.values()) - before)
             losses.append(out["loss"])
-    peak_mem = _peak_memory_bytes()
+    peak_mem = peak_memory_bytes()
 
     breakdown = None
     if flops:
@@ -247,7 +237,7 @@ def _worker_main(argv: list) -> None:
 
     init_distributed(cfg.parallel)
     try:
-        record = run_variant(cfg, out.parent, warmup=warmup, steps=steps, flops=flops)
+        record = run_variant(cfg, warmup=warmup, steps=steps, flops=flops)
         if record:
             out.write_text(json.dumps(record, indent=2) + "\n")
     finally:

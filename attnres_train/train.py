@@ -211,8 +211,9 @@ def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: boo
 
     from attnres_train.model.model import build_model
 
-    if layout_independent_init:
-        save_unsplit_init(model_cfg, parallel_cfg, dtype, seed, scratch_dir)
+    init_dir = _unsplit_init_dir(scratch_dir) if layout_independent_init else None
+    if init_dir is not None:
+        save_unsplit_init(model_cfg, parallel_cfg, dtype, seed, init_dir)
     vpp = parallel_cfg.vpp
     chunks = []
     for v in range(vpp):
@@ -221,8 +222,8 @@ def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: boo
                             pre_process=ps.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
                             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
         chunks.append(chunk)
-    if layout_independent_init:
-        load_unsplit_init(chunks, scratch_dir)
+    if init_dir is not None:
+        load_unsplit_init(chunks, init_dir)
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda()
@@ -242,7 +243,7 @@ def _unsplit_init_dir(scratch_dir: Optional[Path]) -> Path:
     return Path(path[0])
 
 
-def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, scratch_dir: Optional[Path]) -> None:
+def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, path: Path) -> None:
     """The unsplit model's initial weights (what one process gets from `seed`) as a megatron
     distributed checkpoint, so that any TP/PP/EP layout can start from them: dist_checkpointing
     reshards (TP slices, expert ranges, pipeline layer ranges), which a name mapping cannot.
@@ -258,7 +259,6 @@ def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, scratch_dir: Op
     from attnres_train.model.model import build_model
     from parallel.groups import init_model_parallel
 
-    path = _unsplit_init_dir(scratch_dir)
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
         path.mkdir(parents=True)
@@ -276,13 +276,13 @@ def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, scratch_dir: Op
     model_parallel_cuda_manual_seed(seed)
 
 
-def load_unsplit_init(chunks: list, scratch_dir: Optional[Path]) -> None:
+def load_unsplit_init(chunks: list, path: Path) -> None:
+    """Load each chunk's shard of save_unsplit_init's checkpoint, then remove it."""
     import shutil
 
     import torch.distributed as dist
     from megatron.core import dist_checkpointing
 
-    path = _unsplit_init_dir(scratch_dir)
     for chunk in chunks:
         state = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(path),
                                         sharded_strategy=("torch_dist", 1))
@@ -293,14 +293,6 @@ def load_unsplit_init(chunks: list, scratch_dir: Optional[Path]) -> None:
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
-
-
-def global_param_name(chunk, name: str) -> str:
-    """A chunk's parameter name with its local layer index replaced by the global one."""
-    parts = name.split(".")
-    if parts[:2] == ["decoder", "layers"]:
-        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
-    return ".".join(parts)
 
 
 def weights_sha256(model_chunks: list) -> str:

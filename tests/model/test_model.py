@@ -139,3 +139,25 @@ def test_moe_layers_and_dense_first_layer(mcore_world):
     kinds = [isinstance(layer.mlp, MoELayer) for layer in model.decoder.layers]
     assert kinds == [False, True, True, True]
     assert model.decoder.layers[0].mlp.linear_fc1.weight.shape == (2 * 320, 128)  # SwiGLU, 320
+
+
+def test_layout_independent_init_equals_the_unsplit_model(mcore_world, tmp_path):
+    """build_chunks(layout_independent_init=True) gives the weights one process gets from the seed,
+    through the resharding checkpoint, with a scratch dir (trainer) and without (a temp dir)."""
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    from attnres_train.config.schema import ParallelConfig
+    from attnres_train.train import build_chunks
+
+    cfg = tiny_model_cfg()
+    torch.manual_seed(5)
+    model_parallel_cuda_manual_seed(5)
+    want = build_model(cfg).state_dict()
+    for scratch in (tmp_path, None):
+        torch.manual_seed(123)  # the chunks' own init draws differ: only the loaded weights count
+        (chunk,) = build_chunks(cfg, ParallelConfig(), torch.float32, layout_independent_init=True,
+                                seed=5, scratch_dir=scratch)
+        got = chunk.state_dict()
+        params = [n for n, _ in chunk.named_parameters()]
+        assert params and all(torch.equal(got[n], want[n]) for n in params)
+    assert not (tmp_path / ".unsplit-init").exists()  # removed after loading

@@ -30,13 +30,21 @@ def batches_for(cfg, num_micro: int, mbs: int):
     return out
 
 
+def global_name(chunk, name: str) -> str:
+    """A chunk's parameter name with its local layer index replaced by the global one (PP only:
+    TP/EP shards need a resharding checkpoint, see compose_worker.py)."""
+    parts = name.split(".")
+    if parts[:2] == ["decoder", "layers"]:
+        parts[2] = str(chunk.decoder.layers[int(parts[2])].layer_number - 1)
+    return ".".join(parts)
+
+
 def run_case(cfg, P: int, V: int, num_micro: int, mbs: int, cache: bool = True, parallel: dict | None = None) -> dict:
     import torch
     from megatron.core import parallel_state as ps
 
     from attnres_train.config.schema import ParallelConfig
     from attnres_train.model.model import build_model
-    from attnres_train.train import global_param_name as global_name
     from parallel.layout import layout_for
     from parallel.pipeline import Pipeline, _loss_func
 
