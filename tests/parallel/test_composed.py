@@ -19,6 +19,8 @@ import socket
 import pytest
 import torch.multiprocessing as mp
 
+from attnres_train.config.schema import ParallelConfig
+from parallel.layout import layout_for
 from tests.parallel import compose_worker
 
 pytestmark = pytest.mark.slow
@@ -59,4 +61,9 @@ def test_pp2_composed_with_tp_ep_dp(tmp_path):
         assert (diff / ref) ** 0.5 <= 1e-8, (name, (diff / ref) ** 0.5)
         assert max(r["max_rel_err"] for r in per_rank) <= 1e-7, (name, [r["max_rel_err"] for r in per_rank])
         assert max(r["max_rel_err_fp32"] for r in per_rank) <= 1e-5, name
-        assert sum(r["bytes"]["forward"] for r in per_rank) > 0, name
+        # payload bytes: every TP rank ships its sequence slice, every DP replica its micro-batches,
+        # so over all ranks: micro-batches x layout tensors x [s, b, d] in fp64, each direction
+        tensors = layout_for(compose_worker.model_config(), ParallelConfig(pp=2)).tensors_per_microbatch()
+        expected = compose_worker.NUM_MICRO * tensors * 16 * compose_worker.MBS * 128 * 8
+        for direction in ("forward", "backward"):
+            assert sum(r["bytes"][direction] for r in per_rank) == expected, (name, direction)
