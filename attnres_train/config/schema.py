@@ -135,7 +135,7 @@ class TrainConfig:
     clip_grad: float = 1.0
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_batches: int = 0  # micro-batches per validation pass; 0: the whole valid split
-    save_interval: int = 0  # steps between checkpoints (0: only at the end)
+    save_interval: int = 200  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     resume: str = "auto"  # auto: latest good checkpoint in the run dir | none | PATH
 
