@@ -18,6 +18,7 @@ test_attnres_op.py's bf16 test (output rtol/atol 2e-2, lse 1e-4, gradients 2e-2 
 from __future__ import annotations
 
 import importlib
+import json
 import os
 import subprocess
 import sys
@@ -494,3 +495,29 @@ def test_failed_self_check_falls_back_to_torch(monkeypatch):
 def test_self_check_passes_under_interpreter(tk):
     """The self-check itself (phase 1 + merge, fwd + bwd, Triton vs torch) on the interpreter."""
     assert attnres_pkg._compare_kernels("cpu") is None
+
+
+@interp
+def test_tile_sweep_checks_every_tile(tmp_path):
+    """bench/triton_tiles.py (the GPU tile sweep of `make gpu-bench`) on the interpreter: each
+    candidate tile of each kernel is run and checked against the fp32 torch op (D=40 with
+    BLOCK_D 32/64 and 6 tokens exercise both masks), the defaults are among them, and the report
+    files are written. On CPU nothing is timed, so no tile is recommended."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import triton_tiles
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    mod = importlib.import_module(MOD)
+    kernels = triton_tiles.main(["--quick", "--tokens", "6", "--dim", "40", "--blocks", "3",
+                                 "--sublayers", "3", "--results-dir", str(tmp_path),
+                                 "--name", "sweep"])
+    assert set(kernels) == {"phase1_fwd", "phase1_bwd", "merge"}
+    for name, k in kernels.items():
+        assert tuple(k["current"]) == getattr(mod, k["attr"])  # defaults restored afterwards
+        assert any(tuple(r["tile"]) == tuple(k["current"]) for r in k["rows"])
+        assert len(k["rows"]) == 2 and all(r["ok"] and r["rel_error"] < 1e-5 for r in k["rows"])
+        assert k["best"] is None and all(r["ms"] is None for r in k["rows"])
+    report = json.loads((tmp_path / "sweep.json").read_text())
+    assert report["shapes"]["dim"] == 40 and "triton_tiles.py" in report["command"]
+    assert "| phase1_bwd |" in (tmp_path / "sweep.md").read_text()
