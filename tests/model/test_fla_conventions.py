@@ -132,18 +132,10 @@ def test_kda_adapter_rejects_fla_unsupported_chunk(fla_kda_on_cpu):
 def test_kda_layer_fla_path_matches_chunk(mcore_world, fla_kda_on_cpu):
     """The whole KDA layer with ``impl="fla"`` (through fla's fp32 reference) == ``impl="chunk"``
     in fp64: output and every parameter gradient to 1e-5 relative."""
-    from megatron.core.transformer import TransformerConfig
+    from tests.model.test_kda import _layer
 
-    from attnres_train.model.kda.layer import KimiDeltaAttention
-
-    cfg = TransformerConfig(
-        num_layers=1, hidden_size=64, num_attention_heads=2,
-        linear_num_key_heads=2, linear_num_value_heads=2,
-        linear_key_head_dim=16, linear_value_head_dim=16, linear_conv_kernel_dim=4,
-        use_cpu_initialization=True, add_bias_linear=False,
-        normalization="RMSNorm", layernorm_epsilon=1e-5,
-    )
-    layer = KimiDeltaAttention(cfg, layer_number=1, chunk_size=32, impl="fla").double()
+    layer = _layer(chunk_size=32, impl="fla", hidden_size=64, linear_key_head_dim=16,
+                   linear_value_head_dim=16).double()
     x = torch.randn(41, 2, 64, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
 
     def run(impl):
