@@ -35,6 +35,22 @@ def check_world_size(world_size: int, tp: int, pp: int, ep: int) -> int:
     return dp
 
 
+def gpu_for_local_rank(local_rank: int, local_world_size: int, device_count: int) -> int:
+    """The CUDA device of this rank (one GPU per rank); ConfigError where the node has fewer GPUs
+    than ranks. NCCL refuses two ranks of one communicator on the same GPU ("Duplicate GPU
+    detected"), and gloo cannot send CUDA tensors, so several pipeline stages cannot share one
+    GPU: say so before anything is built, instead of an invalid-ordinal or NCCL error later."""
+    if local_rank >= device_count or local_world_size > device_count:
+        raise ConfigError(
+            "launch", f"{local_world_size} ranks on this node",
+            f"this node has {device_count} visible GPU(s) but {local_world_size} ranks: NCCL needs "
+            f"one GPU per rank (two ranks on one GPU are refused). Launch at most {device_count} "
+            "processes per node (torchrun --nproc_per_node, attnres-train-profile --nproc), give "
+            "each rank its own GPU (CUDA_VISIBLE_DEVICES), or run on CPU with gloo",
+        )
+    return local_rank
+
+
 def init_distributed(parallel_cfg) -> None:
     """Initialise torch.distributed (single process works without torchrun) and megatron groups."""
     from megatron.core import parallel_state
@@ -45,7 +61,9 @@ def init_distributed(parallel_cfg) -> None:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            local_rank = int(os.environ.get("LOCAL_RANK", 0))
+            local_world = int(os.environ.get("LOCAL_WORLD_SIZE", local_rank + 1))
+            torch.cuda.set_device(gpu_for_local_rank(local_rank, local_world, torch.cuda.device_count()))
         dist.init_process_group(backend)
     check_world_size(dist.get_world_size(), parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.ep)
     if not parallel_state.model_parallel_is_initialized():

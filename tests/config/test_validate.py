@@ -3,7 +3,7 @@
 import pytest
 
 from attnres_train.config.validate import ConfigError, validate_model, validate_vocab
-from parallel.groups import check_world_size
+from parallel.groups import check_world_size, gpu_for_local_rank
 from tests.helpers import model_cfg, tiny_model_cfg
 
 
@@ -64,3 +64,15 @@ def test_world_size_vs_parallel_sizes():
         check_world_size(6, tp=2, pp=2, ep=1)
     with pytest.raises(ConfigError, match=r"dp=2.*not divisible by ep=4"):
         check_world_size(4, tp=1, pp=2, ep=4)
+
+
+def test_one_gpu_per_rank():
+    """Several ranks on one GPU (e.g. PP stages sharing a device) are refused before anything is
+    built, for every rank of the node, with the fix named."""
+    assert gpu_for_local_rank(3, 8, 8) == 3
+    for rank in (0, 1):
+        with pytest.raises(ConfigError, match=r"1 visible GPU\(s\) but 2 ranks.*one GPU per rank"
+                                              r".*--nproc"):
+            gpu_for_local_rank(rank, 2, 1)
+    with pytest.raises(ConfigError, match="0 visible GPU"):
+        gpu_for_local_rank(0, 1, 0)
