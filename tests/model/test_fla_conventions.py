@@ -199,3 +199,22 @@ def test_op_benchmark_fla_variant_computes_the_same(monkeypatch):
     assert len(ref) == len(peer) == Args.sublayers
     for a, b in zip(ref, peer):
         assert _rel(b, a) <= 1e-6
+
+
+def test_the_stand_ins_have_the_kernels_signatures():
+    """The references replace the real entry points only if our calls bind to both alike: the
+    adapter's call binds to the real ``chunk_kda``, and ``fused_attnres`` takes the reference's
+    arguments (names and order) plus kernel-only options."""
+    import inspect
+
+    from fla.ops.attnres import fused_attnres
+    from fla.ops.attnres.naive import naive_attnres
+    from fla.ops.kda import chunk_kda
+
+    x = object()
+    inspect.signature(chunk_kda).bind(x, x, x, x, x, scale=0.1, initial_state=None,
+                                      output_final_state=True, use_qk_l2norm_in_kernel=False,
+                                      chunk_size=64)
+    fused = list(inspect.signature(fused_attnres).parameters)
+    naive = list(inspect.signature(naive_attnres).parameters)
+    assert fused[:len(naive)] == naive
