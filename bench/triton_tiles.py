@@ -237,6 +237,144 @@ def write(args, kernels: dict, argv: list) -> Path:
     return stem
 
 
+# ------------------------------------------------------------------------- offline compilation
+
+
+def _kernel_spec(kernel: str, tile, blocks: int, sublayers: int, dtype: torch.dtype):
+    """``(jit function, signature, constexprs, num_warps)`` of one launch as triton_kernels.py
+    makes it, for ``triton.compile`` without a GPU."""
+    import triton.language as tl
+
+    from attnres_train.model.attnres import triton_kernels as tk
+
+    x = {torch.bfloat16: "*bf16", torch.float16: "*fp16", torch.float32: "*fp32"}[dtype]
+    stat = "*fp32"
+    block_t, block_d, warps = tile
+    hint = 16 // torch.empty((), dtype=dtype).element_size()
+    scalars = {"T": "i32", "D": "i32"}
+    if kernel.startswith("phase1"):
+        scalars.update(S="i32", n="i32")
+    scalars["eps"] = "fp32"
+    common = {"BLOCK_T": block_t, "BLOCK_D": block_d, "CDT": tl.float32}
+    if kernel.startswith("phase1"):
+        common.update(BLOCK_S=tk._np2(sublayers), BLOCK_N=tk._np2(blocks), HINT=hint)
+    if kernel == "phase1_fwd":
+        fn, ptrs = tk._phase1_fwd, dict(src_base=x, src_offs="*i64", w_ptr=stat, o_ptr=x,
+                                       lse_ptr=stat)
+    elif kernel == "phase1_bwd":
+        fn, ptrs = tk._phase1_bwd, dict(src_base=x, src_offs="*i64", w_ptr=stat, go_ptr=x,
+                                       glse_ptr=stat, gsrc_ptr=x, gw_ptr=stat)
+        common.update(HAS_GO=True, HAS_GLSE=True)
+    elif kernel == "merge_fwd":
+        fn, ptrs = tk._merge_fwd, dict(o_ptr=x, lse_ptr=stat, p_ptr=x, w_ptr=stat, h_ptr=x)
+    elif kernel == "merge_bwd":
+        fn, ptrs = tk._merge_bwd, dict(o_ptr=x, lse_ptr=stat, p_ptr=x, w_ptr=stat, gh_ptr=x,
+                                       go_ptr=x, glse_ptr=stat, gp_ptr=x, gw_ptr=stat)
+    else:
+        raise ValueError(kernel)
+    signature = {**ptrs, **scalars, **{k: "constexpr" for k in common}}
+    assert list(signature)[:len(ptrs) + len(scalars)] == fn.arg_names[:len(ptrs) + len(scalars)]
+    return fn, signature, common, warps
+
+
+def compile_resources(kernel: str, tile, *, arch: int, blocks: int, sublayers: int,
+                      dtype: torch.dtype) -> dict:
+    """Compile one kernel at one tile for ``sm_<arch>`` without a GPU (Triton's bundled ptxas)
+    and read its resource use from the cubin: registers per thread, spill stack and local
+    memory bytes (both 0 when nothing spills), static shared memory."""
+    import re
+    import subprocess
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    fn, signature, constexprs, warps = _kernel_spec(kernel, tile, blocks, sublayers, dtype)
+    compiled = triton.compile(ASTSource(fn=fn, signature=signature, constexprs=constexprs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps})
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([str(cuobjdump), "-res-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(re.findall(r"\b(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    return {k.lower(): int(v) for k, v in fields.items()}
+
+
+COMPILE_KERNELS = {"phase1_fwd": ["phase1_fwd"], "phase1_bwd": ["phase1_bwd"],
+                   "merge": ["merge_fwd", "merge_bwd"]}
+
+
+def compile_sweep(args) -> dict:
+    """Every candidate tile compiled offline for ``sm_<args.compile_only>``: resource use per
+    launched kernel (the merge tile serves its forward and backward kernels)."""
+    dtype = getattr(torch, args.dtype)
+    candidates = QUICK if args.quick else CANDIDATES
+    out = {}
+    for kernel in args.kernels:
+        rows = []
+        for tile in candidates[kernel]:
+            row = {"tile": list(tile)}
+            for launched in COMPILE_KERNELS[kernel]:
+                try:
+                    row[launched] = compile_resources(launched, tile, arch=args.compile_only,
+                                                      blocks=args.blocks,
+                                                      sublayers=args.sublayers, dtype=dtype)
+                except Exception as exc:  # reported, not fatal: the sweep goes on
+                    row[launched] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
+            row["spills"] = any(r.get("stack", 0) or r.get("local", 0) or "error" in r
+                                for k, r in row.items() if k in COMPILE_KERNELS[kernel])
+            rows.append(row)
+            print(f"{kernel:11s} tile {tile}: " + "; ".join(
+                f"{k} {row[k]}" for k in COMPILE_KERNELS[kernel]), flush=True)
+        out[kernel] = rows
+    return out
+
+
+def write_compile(args, report: dict, argv: list) -> Path:
+    stem = Path(args.results_dir) / (
+        args.name or f"triton_tiles_sm{args.compile_only}_compile_{dt.date.today().isoformat()}")
+    import triton
+
+    meta = {
+        "device": f"none: compiled offline for sm_{args.compile_only} (Triton {triton.__version__}, "
+                  "bundled ptxas)",
+        "command": "python bench/triton_tiles.py " + " ".join(shlex.quote(a) for a in argv),
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "git": _git_sha(),
+        "shapes": {"blocks": args.blocks, "sublayers": args.sublayers, "dtype": args.dtype},
+    }
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps({**meta, "kernels": report}, indent=2) + "\n")
+    from attnres_train.model.attnres import triton_kernels as tk
+
+    lines = [f"# Triton AttnRes tiles compiled for sm_{args.compile_only} (no GPU: resource use only)",
+             "", f"- {meta['device']}", f"- command: `{meta['command']}`",
+             f"- date: {meta['date']}, git {meta['git']}", f"- shapes: {meta['shapes']}", "",
+             "Registers per thread (255 max), spill stack / local bytes (0 = no spills), static "
+             "shared bytes. `*` marks the tile triton_kernels.py uses now. Timing needs the GPU "
+             "(`bench/triton_tiles.py` without `--compile-only`).", ""]
+    for kernel, rows in report.items():
+        current = tuple(getattr(tk, TILE_ATTR[kernel]))
+        lines += [f"## {kernel}", "", "| tile (BLOCK_T, BLOCK_D, warps) | " + " | ".join(
+            f"{k}: regs / stack / local / shared" for k in COMPILE_KERNELS[kernel]) + " | spills |",
+            "|---|" + "---|" * (len(COMPILE_KERNELS[kernel]) + 1)]
+        for r in rows:
+            cells = []
+            for k in COMPILE_KERNELS[kernel]:
+                u = r[k]
+                cells.append(u["error"] if "error" in u else
+                             f"{u['reg']} / {u['stack']} / {u['local']} / {u['shared']}")
+            mark = " *" if tuple(r["tile"]) == current else ""
+            lines.append(f"| {tuple(r['tile'])}{mark} | " + " | ".join(cells)
+                         + f" | {'yes' if r['spills'] else 'no'} |")
+        lines.append("")
+    stem.with_suffix(".md").write_text("\n".join(lines))
+    return stem
+
+
 def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -255,9 +393,19 @@ def main(argv=None) -> dict:
     ap.add_argument("--name", default=None, help="result file stem (default triton_tiles_<date>)")
     ap.add_argument("--results-dir", default=str(BENCH / "results"))
     ap.add_argument("--no-write", action="store_true", help="print only (and return the results)")
+    ap.add_argument("--compile-only", type=int, default=None, metavar="ARCH",
+                    help="no GPU needed: compile every candidate for sm_ARCH (e.g. 90) and report "
+                         "registers and spills instead of timing (default dtype bfloat16)")
     args = ap.parse_args(argv)
     if args.preset:
         args.blocks, args.sublayers = PRESETS[args.preset]
+    if args.compile_only is not None:
+        args.dtype = args.dtype or "bfloat16"
+        report = compile_sweep(args)
+        if not args.no_write:
+            stem = write_compile(args, report, argv)
+            print(f"wrote {stem}.json and {stem}.md")
+        return report
     args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
     kernels = sweep(args)
     for name, k in kernels.items():
