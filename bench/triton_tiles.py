@@ -240,9 +240,18 @@ def write(args, kernels: dict, argv: list) -> Path:
 # ------------------------------------------------------------------------- offline compilation
 
 
+def launch_tile(kernel: str, tile, sublayers: int, dim: int) -> tuple:
+    """The tile triton_kernels.py launches ``kernel`` with when its tile setting is ``tile``."""
+    from attnres_train.model.attnres import triton_kernels as tk
+
+    if kernel.startswith("phase1"):
+        return tk.phase1_launch_tile(tuple(tile), sublayers, dim)
+    return tuple(tile[:1]) + (min(tile[1], tk._np2(dim)),) + tuple(tile[2:])
+
+
 def _kernel_spec(kernel: str, tile, blocks: int, sublayers: int, dtype: torch.dtype):
-    """``(jit function, signature, constexprs, num_warps)`` of one launch as triton_kernels.py
-    makes it, for ``triton.compile`` without a GPU."""
+    """``(jit function, signature, constexprs, num_warps)`` of one launch with exactly ``tile``
+    (see :func:`launch_tile`), for ``triton.compile`` without a GPU."""
     import triton.language as tl
 
     from attnres_train.model.attnres import triton_kernels as tk
@@ -316,10 +325,11 @@ def compile_sweep(args) -> dict:
     for kernel in args.kernels:
         rows = []
         for tile in candidates[kernel]:
-            row = {"tile": list(tile)}
+            launched_tile = launch_tile(kernel, tile, args.sublayers, args.dim)
+            row = {"tile": list(tile), "launched_tile": list(launched_tile)}
             for launched in COMPILE_KERNELS[kernel]:
                 try:
-                    row[launched] = compile_resources(launched, tile, arch=args.compile_only,
+                    row[launched] = compile_resources(launched, launched_tile, arch=args.compile_only,
                                                       blocks=args.blocks,
                                                       sublayers=args.sublayers, dtype=dtype)
                 except Exception as exc:  # reported, not fatal: the sweep goes on
@@ -344,7 +354,8 @@ def write_compile(args, report: dict, argv: list) -> Path:
         "command": "python bench/triton_tiles.py " + " ".join(shlex.quote(a) for a in argv),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "git": _git_sha(),
-        "shapes": {"blocks": args.blocks, "sublayers": args.sublayers, "dtype": args.dtype},
+        "shapes": {"dim": args.dim, "blocks": args.blocks, "sublayers": args.sublayers,
+                   "dtype": args.dtype},
     }
     stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps({**meta, "kernels": report}, indent=2) + "\n")
@@ -354,13 +365,15 @@ def write_compile(args, report: dict, argv: list) -> Path:
              "", f"- {meta['device']}", f"- command: `{meta['command']}`",
              f"- date: {meta['date']}, git {meta['git']}", f"- shapes: {meta['shapes']}", "",
              "Registers per thread (255 max), spill stack / local bytes (0 = no spills), static "
-             "shared bytes. `*` marks the tile triton_kernels.py uses now. Timing needs the GPU "
-             "(`bench/triton_tiles.py` without `--compile-only`).", ""]
+             "shared bytes of the launch a tile setting gives (for S above "
+             "`PHASE1_TILE_QUERIES` the phase-1 kernels shrink BLOCK_D). `*` marks the setting "
+             "triton_kernels.py uses now. Timing needs the GPU (`bench/triton_tiles.py` without "
+             "`--compile-only`).", ""]
     for kernel, rows in report.items():
         current = tuple(getattr(tk, TILE_ATTR[kernel]))
-        lines += [f"## {kernel}", "", "| tile (BLOCK_T, BLOCK_D, warps) | " + " | ".join(
-            f"{k}: regs / stack / local / shared" for k in COMPILE_KERNELS[kernel]) + " | spills |",
-            "|---|" + "---|" * (len(COMPILE_KERNELS[kernel]) + 1)]
+        lines += [f"## {kernel}", "", "| tile setting (BLOCK_T, BLOCK_D, warps) | launched as | "
+                  + " | ".join(f"{k}: regs / stack / local / shared" for k in COMPILE_KERNELS[kernel])
+                  + " | spills |", "|---|---|" + "---|" * (len(COMPILE_KERNELS[kernel]) + 1)]
         for r in rows:
             cells = []
             for k in COMPILE_KERNELS[kernel]:
@@ -368,7 +381,7 @@ def write_compile(args, report: dict, argv: list) -> Path:
                 cells.append(u["error"] if "error" in u else
                              f"{u['reg']} / {u['stack']} / {u['local']} / {u['shared']}")
             mark = " *" if tuple(r["tile"]) == current else ""
-            lines.append(f"| {tuple(r['tile'])}{mark} | " + " | ".join(cells)
+            lines.append(f"| {tuple(r['tile'])}{mark} | {tuple(r['launched_tile'])} | " + " | ".join(cells)
                          + f" | {'yes' if r['spills'] else 'no'} |")
         lines.append("")
     stem.with_suffix(".md").write_text("\n".join(lines))

@@ -78,6 +78,23 @@ __all__ = ["attnres_phase1_triton", "attnres_merge_triton"]
 FWD_TILE = (16, 64, 8)
 BWD_TILE = (16, 32, 8)
 MERGE_TILE = (8, 128, 4)
+#: The phase-1 tiles are sized for up to this many queries per block (BLOCK_S; S = 6 in the 48B
+#: model). The phase-1 kernels hold [BLOCK_T, BLOCK_S, BLOCK_D] tiles in registers, so for a larger
+#: S :func:`phase1_launch_tile` shrinks BLOCK_D in proportion: compiled for sm_90, the paper's
+#: S = 16 otherwise spills in the forward (bench/results/triton_tiles_sm90_compile_*).
+PHASE1_TILE_QUERIES = 8
+
+
+def phase1_launch_tile(tile: tuple[int, int, int], num_queries: int,
+                       dim: int) -> tuple[int, int, int]:
+    """The (BLOCK_T, BLOCK_D, num_warps) a phase-1 kernel is launched with for ``num_queries``
+    queries and hidden size ``dim``: ``tile``'s BLOCK_D scaled down by BLOCK_S /
+    PHASE1_TILE_QUERIES when BLOCK_S is larger (never below 16), and never above next_pow2(dim)."""
+    block_t, block_d, warps = tile
+    block_s = _np2(num_queries)
+    if block_s > PHASE1_TILE_QUERIES:
+        block_d = max(16, block_d * PHASE1_TILE_QUERIES // block_s)
+    return block_t, min(block_d, _np2(dim)), warps
 
 
 def _tl_dtype(dtype: torch.dtype):
@@ -385,8 +402,7 @@ class _Phase1Triton(torch.autograd.Function):
         num_tok = base.shape[0]
         out = torch.empty(num_q, num_tok, dim, dtype=dtype, device=base.device)
         lse = torch.empty(num_q, num_tok, dtype=sdt, device=base.device)
-        block_t, block_d, warps = FWD_TILE
-        block_d = min(block_d, _np2(dim))
+        block_t, block_d, warps = phase1_launch_tile(FWD_TILE, num_q, dim)
         if num_tok:
             with _device_guard(base):
                 _phase1_fwd[(triton.cdiv(num_tok, block_t),)](
@@ -409,8 +425,7 @@ class _Phase1Triton(torch.autograd.Function):
         w = (queries.to(sdt) * gammas.to(sdt)).contiguous()
         base, flats, table, hint = _source_table([_flat(b, dim) for b in blocks])
         num_tok = base.shape[0]
-        block_t, block_d, warps = BWD_TILE
-        block_d = min(block_d, _np2(dim))
+        block_t, block_d, warps = phase1_launch_tile(BWD_TILE, num_q, dim)
         tiles = triton.cdiv(num_tok, block_t)
         grad_src = torch.empty(n, num_tok, dim, dtype=dtype, device=base.device)
         grad_w_part = torch.empty(tiles, num_q, dim, dtype=sdt, device=base.device)
