@@ -70,7 +70,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .two_phase import _stat_dtype, check_phase1_args
+from .two_phase import _stat_dtype, check_merge_args, check_phase1_args
 
 __all__ = ["attnres_phase1_triton", "attnres_merge_triton"]
 
@@ -148,19 +148,22 @@ def _src_ptr(src_base, src_offs, j, HINT: tl.constexpr):
 
 
 @triton.jit
+def _phase1_indices(T, D, S, BLOCK_T: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_N: tl.constexpr):
+    """This program's token tile (ids, mask, element offset of each token's row), query ids and
+    mask, and source ids: the index set both phase-1 kernels work on."""
+    t = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    s = tl.arange(0, BLOCK_S)
+    return t, t < T, t.to(tl.int64) * D, s, s < S, tl.arange(0, BLOCK_N)
+
+
+@triton.jit
 def _phase1_fwd(
     src_base, src_offs, w_ptr, o_ptr, lse_ptr,
     T, D, S, n, eps,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr, CDT: tl.constexpr, HINT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
-    row = t.to(tl.int64) * D
-    s = tl.arange(0, BLOCK_S)
-    smask = s < S
-    nidx = tl.arange(0, BLOCK_N)
+    t, tmask, row, s, smask, nidx = _phase1_indices(T, D, S, BLOCK_T, BLOCK_S, BLOCK_N)
 
     # pass 1: logits of every (source, token, query), kept in registers
     Z = tl.full([BLOCK_N, BLOCK_T, BLOCK_S], float("-inf"), CDT)
@@ -212,13 +215,7 @@ def _phase1_bwd(
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_N: tl.constexpr, CDT: tl.constexpr, HINT: tl.constexpr,
 ):
-    pid = tl.program_id(0)
-    t = pid * BLOCK_T + tl.arange(0, BLOCK_T)
-    tmask = t < T
-    row = t.to(tl.int64) * D
-    s = tl.arange(0, BLOCK_S)
-    smask = s < S
-    nidx = tl.arange(0, BLOCK_N)
+    t, tmask, row, s, smask, nidx = _phase1_indices(T, D, S, BLOCK_T, BLOCK_S, BLOCK_N)
     nmask = nidx < n
     g_rows = s[None, :, None].to(tl.int64) * T * D + row[:, None, None]  # [BT, BS, 1]
     gmask_ts = tmask[:, None, None] & smask[None, :, None]
@@ -291,7 +288,7 @@ def _phase1_bwd(
             gp = gsrc_ptr + (j * T + t).to(tl.int64)[:, None] * D + d[None, :]
             tl.store(gp, grad.to(gsrc_ptr.dtype.element_ty), mask=tdmask)
             gw += tl.sum(c[:, :, None] * v[:, None, :], axis=0)
-        gwp = gw_ptr + pid.to(tl.int64) * S * D + s[:, None] * D + d[None, :]
+        gwp = gw_ptr + tl.program_id(0).to(tl.int64) * S * D + s[:, None] * D + d[None, :]
         tl.store(gwp, gw, mask=smask[:, None] & dmask[None, :])
 
 
@@ -528,11 +525,5 @@ def attnres_merge_triton(
     out: Tensor, lse: Tensor, partial: Tensor, query: Tensor, gamma: Tensor, eps: float
 ) -> Tensor:
     """Triton version of :func:`.two_phase.attnres_merge` (same arguments and result)."""
-    if out.shape != partial.shape or lse.shape != out.shape[:-1]:
-        raise ValueError(
-            f"shape mismatch: out {tuple(out.shape)}, lse {tuple(lse.shape)}, "
-            f"partial {tuple(partial.shape)}"
-        )
-    if query.shape != (out.shape[-1],) or gamma.shape != query.shape:
-        raise ValueError(f"query/gamma must be [D={out.shape[-1]}]")
+    check_merge_args(out, lse, partial, query, gamma)
     return _MergeTriton.apply(out, lse, partial, query, gamma, eps)

@@ -272,6 +272,14 @@ def attnres_merge(
         ``sigma = sigmoid(lse - z2)``, ``z2 = (query * gamma) . RMSNorm(partial)``, which equals
         the full softmax over ``[blocks..., partial]`` exactly.
     """
+    check_merge_args(out, lse, partial, query, gamma)
+    return _Merge.apply(out, lse, partial, query, gamma, eps)
+
+
+def check_merge_args(out: Tensor, lse: Tensor, partial: Tensor, query: Tensor,
+                     gamma: Tensor) -> None:
+    """The merge's contract (shared by the Triton kernels): out/partial ``[..., D]``, lse
+    ``[...]``, query/gamma ``[D]``."""
     if out.shape != partial.shape or lse.shape != out.shape[:-1]:
         raise ValueError(
             f"shape mismatch: out {tuple(out.shape)}, lse {tuple(lse.shape)}, "
@@ -279,7 +287,6 @@ def attnres_merge(
         )
     if query.shape != (out.shape[-1],) or gamma.shape != query.shape:
         raise ValueError(f"query/gamma must be [D={out.shape[-1]}]")
-    return _Merge.apply(out, lse, partial, query, gamma, eps)
 
 
 def attnres_lean(sources: Sequence[Tensor], query: Tensor, gamma: Tensor, eps: float) -> Tensor:
