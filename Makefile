@@ -5,10 +5,10 @@ BIN     := $(VENV)/bin
 STAMP   := $(VENV)/.installed
 HAS_GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1 && echo 1)
 ARGS    ?=
-# megatron's jit_fuser is torch.compile: slower than eager on CPU and 5-19 s to warm up.
+# megatron's jit_fuser is torch.compile: slower than eager on CPU and seconds to warm up.
 CPU_ENV := $(if $(HAS_GPU),,TORCHDYNAMO_DISABLE=1)
 
-.PHONY: setup train test test-fast dry-run bench profile gpu-bench clean
+.PHONY: setup train test lint dry-run bench profile gpu-bench clean
 
 setup: $(STAMP)
 
@@ -32,11 +32,15 @@ train: setup
 dry-run: setup
 	$(CPU_ENV) $(BIN)/attnres-train model=kimi_linear_48b_a3b train.dry_run=true $(ARGS)
 
-test: setup
+test: lint
 	$(CPU_ENV) $(BIN)/python -m pytest -q $(ARGS)
 
+# pyflakes errors, unused imports and import order ([tool.ruff] in pyproject.toml); seconds
+lint: setup
+	$(BIN)/ruff check .
+
 bench: setup
-	$(CPU_ENV) $(BIN)/python bench/attnres_op.py $(ARGS)
+	$(CPU_ENV) $(BIN)/python -m bench.attnres_op $(ARGS)
 
 # AttnRes vs its plain-residual twin: step time, memory, p2p bytes, per-module breakdown
 profile: setup
@@ -47,4 +51,4 @@ gpu-bench: setup
 	PYTHON=$(BIN)/python bash bench/gpu_suite.sh
 
 clean:
-	rm -rf $(VENV) runs outputs .pytest_cache
+	rm -rf $(VENV) runs outputs .pytest_cache build dist

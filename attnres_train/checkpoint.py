@@ -4,6 +4,10 @@ Layout: <run_dir>/checkpoints/step_0000100/ holding megatron's shards plus `meta
 consumed samples, model config). A save writes into `.tmp-step_…` and is renamed only once every
 rank has finished, so a run killed mid-save keeps its previous checkpoint. Resume takes the
 newest complete checkpoint; if it fails to load, the error names it and the previous one is tried.
+
+What is saved is a `TrainState` (model chunks, optimizer, LR schedule, step, consumed samples) plus
+every rank's RNG streams. The unsplit initial weights (`train.layout_independent_init`) use the
+same format: see save_unsplit_init.
 """
 
 from __future__ import annotations
@@ -11,29 +15,26 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 from pathlib import Path
+from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing, tensor_parallel
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
 
-from attnres_train.config.validate import ConfigError
+from attnres_train.config.schema import ParallelConfig
+from attnres_train.errors import CheckpointError, ConfigError
+from attnres_train.model.model import build_model
+from attnres_train.train_state import TrainState
+from parallel.groups import barrier, global_rank, init_model_parallel
 
 META = "meta.json"
 # Model config keys that change parameter shapes: a checkpoint cannot be resumed across them.
 SHAPE_KEYS = ("residual", "num_layers", "layer_pattern", "hidden_size", "vocab_size", "kda", "mla", "moe")
-
-
-class CheckpointError(RuntimeError):
-    pass
-
-
-def _rank() -> int:
-    return dist.get_rank() if dist.is_initialized() else 0
-
-
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
+STRATEGY = ("torch_dist", 1)
 
 
 def step_dirs(ckpt_root: Path) -> list:
@@ -45,55 +46,45 @@ def step_dirs(ckpt_root: Path) -> list:
 
 
 def _rng_state() -> dict:
-    from megatron.core import tensor_parallel
-
     return {"torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             "tracker": tensor_parallel.get_cuda_rng_tracker().get_states()}
 
 
 def _set_rng_state(state: dict) -> None:
-    from megatron.core import tensor_parallel
-
     torch.set_rng_state(state["torch"])
     if state["cuda"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(model_chunks, optimizer, scheduler, *, is_loading: bool) -> dict:
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
-    state = {}
-    model_sd = {}
-    for i, chunk in enumerate(model_chunks):
-        model_sd[f"model{i}"] = chunk.module.sharded_state_dict()  # unwrapped: no "module." prefix
-    state.update(model_sd)
-    state["optimizer"] = optimizer.sharded_state_dict(
-        model_sd if len(model_chunks) > 1 else model_sd["model0"], is_loading=is_loading,
+def _sharded_state(state: TrainState, *, is_loading: bool) -> dict:
+    """The sharded dict megatron saves: model{i} per chunk, optimizer, scheduler, rng (per rank)."""
+    model_sd = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(state.model_chunks)}
+    sharded = dict(model_sd)
+    sharded["optimizer"] = state.optimizer.sharded_state_dict(
+        model_sd if len(state.model_chunks) > 1 else model_sd["model0"], is_loading=is_loading,
         metadata={"distrib_optim_sharding_type": "dp_reshardable"},
     )
-    state["scheduler"] = scheduler.state_dict()
-    world, rank = (dist.get_world_size(), _rank()) if dist.is_initialized() else (1, 0)
-    state["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
-    return state
+    sharded["scheduler"] = state.scheduler.state_dict()
+    world, rank = (dist.get_world_size(), global_rank()) if dist.is_initialized() else (1, 0)
+    sharded["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    return sharded
 
 
-def save(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, *, consumed_samples: int,
-         model_cfg, keep_last: int) -> Path:
-    from megatron.core import dist_checkpointing
-
-    final = ckpt_root / f"step_{step:07d}"
-    tmp = ckpt_root / f".tmp-step_{step:07d}"
-    if _rank() == 0:
+def save(ckpt_root: Path, state: TrainState, *, model_cfg, keep_last: int) -> Path:
+    """Save `state` as <ckpt_root>/step_<state.step>; keep the newest `keep_last` (0: all).
+    A collective: every rank calls it."""
+    final = ckpt_root / f"step_{state.step:07d}"
+    tmp = ckpt_root / f".tmp-step_{state.step:07d}"
+    if global_rank() == 0:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-    _barrier()
-    state = _sharded_state(model_chunks, optimizer, scheduler, is_loading=False)
-    dist_checkpointing.save(state, str(tmp), sharded_strategy=("torch_dist", 1))
-    _barrier()
-    if _rank() == 0:
-        meta = {"step": step, "consumed_samples": consumed_samples,
+    barrier()
+    dist_checkpointing.save(_sharded_state(state, is_loading=False), str(tmp), sharded_strategy=STRATEGY)
+    barrier()
+    if global_rank() == 0:
+        meta = {"step": state.step, "consumed_samples": state.consumed_samples,
                 "model": dataclasses.asdict(model_cfg)}
         (tmp / META).write_text(json.dumps(meta, indent=2))
         if final.exists():  # an older save of the same step (e.g. after a fallback): replace it
@@ -101,7 +92,7 @@ def save(ckpt_root: Path, step: int, model_chunks, optimizer, scheduler, *, cons
         tmp.rename(final)
         for old in step_dirs(ckpt_root)[:-keep_last] if keep_last > 0 else []:
             shutil.rmtree(old, ignore_errors=True)
-    _barrier()
+    barrier()
     return final
 
 
@@ -118,10 +109,10 @@ def check_compatible(meta: dict, model_cfg, where: Path) -> None:
         )
 
 
-def load_latest(ckpt_root: Path, model_chunks, optimizer, scheduler, model_cfg, *, log=print):
-    """Load the newest loadable checkpoint under ckpt_root (falling back to older ones).
+def load_latest(ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> Optional[dict]:
+    """Load the newest loadable checkpoint under ckpt_root into `state` (falling back to older ones).
 
-    Returns its meta dict, or None when there is no checkpoint.
+    Returns its meta dict, or None when there is no checkpoint (`state` is then untouched).
     """
     candidates = step_dirs(ckpt_root)
     for bad in sorted(ckpt_root.glob(".tmp-step_*")) if ckpt_root.is_dir() else []:
@@ -129,7 +120,7 @@ def load_latest(ckpt_root: Path, model_chunks, optimizer, scheduler, model_cfg, 
     errors = []
     for path in reversed(candidates):
         try:
-            return load(path, model_chunks, optimizer, scheduler, model_cfg)
+            return load(path, state, model_cfg)
         except (ConfigError, KeyboardInterrupt, SystemExit):
             raise
         # torch.distributed.checkpoint's CheckpointException derives from BaseException
@@ -142,20 +133,78 @@ def load_latest(ckpt_root: Path, model_chunks, optimizer, scheduler, model_cfg, 
     return None
 
 
-def load(path: Path, model_chunks, optimizer, scheduler, model_cfg) -> dict:
-    from megatron.core import dist_checkpointing
+def resume(how: str, ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> Optional[dict]:
+    """train.resume: "auto" loads the newest loadable checkpoint under ckpt_root (none there: a
+    fresh start), "none" starts fresh, anything else is the checkpoint directory to load.
+    Returns the loaded checkpoint's meta dict, or None for a fresh start."""
+    if how == "auto":
+        return load_latest(ckpt_root, state, model_cfg, log=log)
+    if how != "none":
+        return load(Path(how), state, model_cfg)
+    return None
 
+
+def load(path: Path, state: TrainState, model_cfg) -> dict:
+    """Restore `state` (weights, optimizer, schedule, step, consumed samples) and this rank's RNG
+    streams from the checkpoint at `path`; returns its meta dict."""
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {META} is missing")
     meta = json.loads(meta_file.read_text())
     check_compatible(meta, model_cfg, path)
-    template = _sharded_state(model_chunks, optimizer, scheduler, is_loading=True)
-    state = dist_checkpointing.load(template, str(path), sharded_strategy=("torch_dist", 1))
-    for i, chunk in enumerate(model_chunks):
-        chunk.module.load_state_dict(state[f"model{i}"])
+    template = _sharded_state(state, is_loading=True)
+    loaded = dist_checkpointing.load(template, str(path), sharded_strategy=STRATEGY)
+    for i, chunk in enumerate(state.model_chunks):
+        chunk.load_state_dict(loaded[f"model{i}"])
     with torch.no_grad():  # distrib optimizer copies into views of leaf params
-        optimizer.load_state_dict(state["optimizer"])
-    scheduler.load_state_dict(state["scheduler"])
-    _set_rng_state(state["rng"])
+        state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(loaded["scheduler"])
+    _set_rng_state(loaded["rng"])
+    state.step, state.consumed_samples = meta["step"], meta["consumed_samples"]
     return meta
+
+
+# -- unsplit initial weights (train.layout_independent_init) ---------------------------------------
+def unsplit_init_dir(scratch_dir: Optional[Path]) -> Path:
+    """One directory every rank agrees on: under the run dir (shared by the nodes, like the
+    checkpoints), or a temporary one made by rank 0 (single node)."""
+    path = [str(Path(scratch_dir) / ".unsplit-init") if scratch_dir else
+            (tempfile.mkdtemp(prefix="attnres-init-") if dist.get_rank() == 0 else None)]
+    dist.broadcast_object_list(path, src=0)
+    return Path(path[0])
+
+
+def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, path: Path) -> None:
+    """The unsplit model's initial weights (what one process gets from `seed`) as a megatron
+    distributed checkpoint, so that any TP/PP/EP layout can start from them: dist_checkpointing
+    reshards (TP slices, expert ranges, pipeline layer ranges), which a name mapping cannot.
+    Every rank builds the whole model under TP=PP=EP=1 groups; the run's groups are restored after."""
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)
+        path.mkdir(parents=True)
+    dist.barrier()
+    ps.destroy_model_parallel()
+    init_model_parallel(ParallelConfig())
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+    reference = build_model(model_cfg, params_dtype=dtype)
+    dist_checkpointing.save({"model": reference.sharded_state_dict()}, str(path), sharded_strategy=STRATEGY)
+    del reference
+    ps.destroy_model_parallel()
+    init_model_parallel(parallel_cfg)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def load_unsplit_init(chunks: list, path: Path) -> None:
+    """Load each chunk's shard of save_unsplit_init's checkpoint, then remove it."""
+    for chunk in chunks:
+        loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(path),
+                                         sharded_strategy=STRATEGY)
+        result = chunk.load_state_dict(loaded["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise RuntimeError(f"unsplit init: missing {missing}, unexpected {result.unexpected_keys}")
+    dist.barrier()
+    if dist.get_rank() == 0:
+        shutil.rmtree(path, ignore_errors=True)

@@ -1,8 +1,8 @@
 """megatron-core 0.16.1 on a machine without CUDA: the patches, in one place.
 
 `apply()` is called once, before any model is built, and only when `torch.cuda.is_available()`
-is False. Each patch names the megatron function it replaces and why (measured on a 2-core CPU box;
-see shared/spec/megatron_cpu.md). Nothing here changes numerics: it only moves allocations that
+is False. Each patch names the megatron function it replaces; docs/cpu_compat.md says why each
+is needed. Nothing here changes numerics: it only moves allocations that
 megatron hard-codes to CUDA onto the CPU and removes CUDA-only synchronisation.
 """
 
@@ -27,9 +27,6 @@ def apply() -> None:
     global _APPLIED
     if _APPLIED or not needed():
         return
-    # megatron's `jit_fuser` is torch.compile: on CPU inductor costs 5-19 s on the first step and
-    # is slower afterwards. It must be set before megatron modules are imported to take effect.
-    os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
     _patch_cuda_device_queries()
     _patch_rng()
     _patch_causal_mask()
@@ -62,9 +59,9 @@ def confine_openmp_to_this_thread() -> bool:
     Why: libgomp waits for work by spinning ~300k times, but only ~100 once the threads it
     manages outnumber the CPUs. Each thread that runs a large ATen op keeps an OpenMP team of its
     own for the rest of its life, and gloo's worker threads do: they copy the gathered bytes of an
-    all-gather, which every distributed-checkpoint save runs. On a 2-core machine the training
-    thread's worker then falls asleep between its many short parallel regions: `make train` lost
-    40% of its tokens/s after the first checkpoint (3,300 -> 2,000 tok/s), for the rest of the run.
+    all-gather, which every distributed-checkpoint save runs. Once the threads outnumber the CPUs the
+    training thread's workers fall asleep between its many short parallel regions, and throughput
+    drops from the first checkpoint on, for the rest of the run (docs/cpu_compat.md).
 
     How: ATen gives a thread that starts computing the process-wide count of
     ``torch.set_num_threads``, which is set to 1 here; this thread's own OpenMP and MKL counts

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from attnres_train.model.structure import layer_index, sublayer_index
+
 
 @torch.no_grad()
 def depth_weights(sources, query, gamma, eps) -> list:
@@ -37,9 +39,9 @@ class Diagnostics:
         self.weights: dict = {}
         for model in model_chunks:
             for layer in model.decoder.layers:
-                base = 2 * (layer.layer_number - 1)
-                layer.self_attention.register_forward_hook(self._hook(base))
-                layer.mlp.register_forward_hook(self._hook(base + 1))
+                i = layer_index(layer)
+                layer.self_attention.register_forward_hook(self._hook(sublayer_index(i, ffn=False)))
+                layer.mlp.register_forward_hook(self._hook(sublayer_index(i, ffn=True)))
             if hasattr(model.decoder, "mix_observer"):
                 model.decoder.mix_observer = self._observe_mix
 

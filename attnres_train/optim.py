@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
+import megatron.core.optimizer as mopt  # attribute lookup at call time: cpu_compat wraps get_megatron_optimizer
 import torch
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 SCHEDULES = {"cosine": "cosine", "wsd": "WSD", "constant": "constant"}
 
 
 def build_optimizer(train_cfg, model_chunks, *, params_dtype: torch.dtype, dp_size: int):
-    import megatron.core.optimizer as mopt  # attribute lookup: cpu_compat wraps get_megatron_optimizer
-
     config = mopt.OptimizerConfig(
         optimizer="adam",  # decoupled weight decay: AdamW
         lr=train_cfg.lr,
@@ -27,8 +27,6 @@ def build_optimizer(train_cfg, model_chunks, *, params_dtype: torch.dtype, dp_si
 
 
 def build_scheduler(train_cfg, optimizer):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
     style = SCHEDULES[train_cfg.lr_schedule]
     steps = train_cfg.steps
     warmup = min(train_cfg.warmup_steps, steps)

@@ -9,8 +9,9 @@ the layout the trainer uses (`parallel.layout.layout_for`).
 Parameters per chunk
     total / active    the chunk's slice of the unsharded model; chunk 0 adds the embedding, the last
                       chunk the LM head, the final norm and the final AttnRes aggregate. Summed over
-                      the chunks they equal params_total / params_active exactly. Active counts the
-                      routed experts at top_k / num_experts (as attnres_train/model/counting.py).
+                      the chunks they equal params_total / params_active exactly. Pieces and active
+                      counts are attnres_train/model/structure.py's (routed experts at top_k /
+                      num_experts), as in counting.py.
     per_gpu           what one GPU of that pipeline rank holds: routed-expert weights / (ep · etp)
                       (megatron's expert tensor parallel size etp defaults to tp); weights of
                       megatron's tensor-parallel layers (column/row-parallel linears, the vocab-
@@ -47,7 +48,12 @@ Pipeline payloads: hop c -> c + 1 carries `layout.tensors_per_hop()[c]` tensors 
 (bf16 unless train.dtype=fp32; under sequence parallelism each TP rank sends s/tp of it), forward
 and the same again backward. Micro-batches per step = global_batch / (micro_batch · dp) with
 dp = world / (tp · pp), the world size taken from $ATTNRES_PLAN_WORLD_SIZE or $WORLD_SIZE (a plain
-single-process run sets WORLD_SIZE=1), else dp = 1.
+single-process run sets WORLD_SIZE=1), else dp = 1. Where block boundaries fall on chunk boundaries
+(N_p blocks per chunk) the closed forms of parallel/layout.py sit beside the count, each labelled:
+bytes_expected (this layout, full count: embedding hops and partial sums included; equals
+bytes_per_microbatch), bytes_eq8 / bytes_eq7 (the paper's Eq. 8 / Eq. 7 as the paper counts them:
+non-embedding blocks only) and bytes_naive_full (the naive scheme's full count, Eq. 7 + the C-1
+embedding hops: what parallel.attnres_cache=false sends); null otherwise.
 """
 
 from __future__ import annotations
@@ -56,10 +62,16 @@ import dataclasses
 import json
 import os
 from pathlib import Path
+from typing import Optional
 
-from attnres_train.config.validate import effective_block_size, num_sublayers
-from attnres_train.model.counting import ROUTED, count_parameters, format_table
+from megatron.core.pipeline_parallel.schedules import get_schedule_table
+from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding
+
+from attnres_train.model.attnres.state import effective_block_size, num_sources, num_sublayers, state_after
+from attnres_train.model.counting import count_parameters, format_table
 from attnres_train.model.model import build_model
+from attnres_train.model.structure import active_count, counted_tensors, layer_kind, param_role
+from parallel.layout import aligned_blocks_per_chunk, hop_bytes, layout_for
 
 WORLD_SIZE_ENV = "ATTNRES_PLAN_WORLD_SIZE"
 GIB = 1024 ** 3
@@ -90,12 +102,15 @@ MEMORY_ASSUMPTIONS = {
 }
 
 
-def attnres_sources(model_cfg) -> int | None:
-    """Depth sources the final aggregate mixes: the embedding + one per block."""
-    bs = effective_block_size(model_cfg)
-    if bs is None:
-        return None
-    return 1 + -(-num_sublayers(model_cfg) // bs)
+# plan.json's closed-form keys -> parallel.layout.ClosedForms fields, and their labels
+CLOSED_FORM_KEYS = (("bytes_expected", "expected"), ("bytes_eq8", "eq8"), ("bytes_eq7", "eq7"),
+                    ("bytes_naive_full", "naive_full"))
+CLOSED_FORM_LABELS = {
+    "bytes_expected": "this layout (full count: embedding + partial)",
+    "bytes_eq8": "paper Eq. 8 (cached, non-embedding blocks)",
+    "bytes_eq7": "paper Eq. 7 (naive, non-embedding blocks)",
+    "bytes_naive_full": "naive full count (Eq. 7 + embedding hops)",
+}
 
 
 def single_process_parallel(parallel_cfg):
@@ -107,12 +122,6 @@ def single_process_parallel(parallel_cfg):
 # -- parameters ----------------------------------------------------------------------------------
 def _tp_split_ids(model) -> set:
     """ids of the parameters megatron splits over tensor-parallel ranks."""
-    from megatron.core.tensor_parallel.layers import (
-        ColumnParallelLinear,
-        RowParallelLinear,
-        VocabParallelEmbedding,
-    )
-
     ids = set()
     for module in model.modules():
         if isinstance(module, (ColumnParallelLinear, RowParallelLinear, VocabParallelEmbedding)):
@@ -128,27 +137,19 @@ def _zero() -> dict:
 def piece_counts(model, model_cfg, tp: int, ep: int) -> dict:
     """Parameter counts of the whole (meta) model split into pieces: {"embedding", "head", "layers":
     [one per global layer]}, each {"total", "active", "dense_per_gpu", "expert_per_gpu"}; expert_bias
-    buffers included (as counting.py)."""
-    moe = model_cfg.moe
+    buffers included (structure.counted_tensors, as counting.py)."""
     split = _tp_split_ids(model)
-    tensors = [(n, p.numel(), id(p) in split) for n, p in model.named_parameters()]
-    tensors += [(n, b.numel(), False) for n, b in model.named_buffers() if n.endswith("expert_bias")]
     pieces = {"embedding": _zero(), "head": _zero(), "layers": [_zero() for _ in range(model_cfg.num_layers)]}
-    for name, n, tp_split in tensors:
-        if name.startswith("embedding."):
-            piece = pieces["embedding"]
-        elif name.startswith("decoder.layers."):
-            # global index: layer_number is 1-based; the whole model is built, so local == global
-            piece = pieces["layers"][int(name.split(".")[2])]
-        else:  # output_layer, decoder.final_layernorm, decoder.final_res: all built with post_process
-            piece = pieces["head"]
+    for name, tensor in counted_tensors(model):
+        role = param_role(name, model_cfg)  # the whole model is built: local layer index == global
+        piece = pieces["layers"][role.layer] if role.piece == "layer" else pieces[role.piece]
+        n = tensor.numel()
         piece["total"] += n
-        if ROUTED in name:
-            piece["active"] += n * moe.top_k // moe.num_experts  # all experts have one size
+        piece["active"] += active_count(n, role, model_cfg)
+        if role.routed_expert:
             piece["expert_per_gpu"] += n // (ep * tp)  # ep · etp, etp = tp (megatron's default)
         else:
-            piece["active"] += n
-            piece["dense_per_gpu"] += n // tp if tp_split else n
+            piece["dense_per_gpu"] += n // tp if id(tensor) in split else n
     return pieces
 
 
@@ -161,21 +162,22 @@ def in_flight(pp: int, vpp: int, rank: int, num_micro: int) -> list:
         warmup = pp - rank - 1 if pp > 1 else 0
         order = [(m, 0) for m in range(num_micro)]
     else:
-        from megatron.core.pipeline_parallel.schedules import get_schedule_table
-
         warmup = 2 * (pp - rank - 1) + (vpp - 1) * pp
         order = get_schedule_table(num_micro, vpp, pp)  # microbatch_group_size_per_vp_stage = pp
     return list(order[:min(warmup + 1, total)])
 
 
-def data_parallel_size(tp: int, pp: int) -> tuple:
-    """(dp, how it was found): world / (tp·pp) from the environment, else 1."""
-    for var in (WORLD_SIZE_ENV, "WORLD_SIZE"):
-        value = os.environ.get(var)
+def data_parallel_size(tp: int, pp: int, configured: Optional[int] = None) -> tuple:
+    """(dp, how it was found): world / (tp·pp) with the world from $ATTNRES_PLAN_WORLD_SIZE, else
+    train.dry_run_world_size (`configured`), else $WORLD_SIZE, else dp = 1."""
+    sources = [(WORLD_SIZE_ENV, os.environ.get(WORLD_SIZE_ENV)),
+               ("train.dry_run_world_size", None if configured is None else str(configured)),
+               ("WORLD_SIZE", os.environ.get("WORLD_SIZE"))]
+    for name, value in sources:
         if value and value.isdigit() and int(value) >= tp * pp and int(value) % (tp * pp) == 0:
             world = int(value)
-            return world // (tp * pp), f"{var}={world} / (tp*pp={tp * pp})"
-    return 1, f"assumed 1 (set {WORLD_SIZE_ENV}=<GPUs> to plan for a data-parallel world)"
+            return world // (tp * pp), f"{name}={world} / (tp*pp={tp * pp})"
+    return 1, "assumed 1 (set train.dry_run_world_size=<GPUs> to plan for a data-parallel world)"
 
 
 # -- the plan ------------------------------------------------------------------------------------
@@ -185,21 +187,15 @@ def layer_activation_coeff(model_cfg, layer: int, recompute: str) -> float:
         return float(RECOMPUTE_FULL_COEFF)
     d, moe = model_cfg.hidden_size, model_cfg.moe
     a = ATTN_COEFF + RESIDUAL_COEFF + 1.0
-    if layer < moe.first_k_dense:
+    if not layer_kind(model_cfg, layer).is_moe:
         a += 3 * moe.dense_ffn_hidden_size / d
     else:
         a += moe.top_k * (1 + 3 * moe.ffn_hidden_size / d) + 3 * moe.num_shared_experts * moe.ffn_hidden_size / d
     return a
 
 
-def _ffn_kind(model_cfg, layer: int) -> str:
-    return "dense" if layer < model_cfg.moe.first_k_dense else "moe"
-
-
 def build_plan(cfg, pieces: dict) -> dict:
     """Stages, hops, payload bytes and memory from the layout and the per-piece counts."""
-    from parallel.layout import expected_aligned, layout_for, paper_eq7, paper_eq8
-
     m, par, t = cfg.model, cfg.parallel, cfg.train
     tp, pp, vpp, ep = par.tp, par.pp, par.vpp, par.ep
     layout = layout_for(m, par)
@@ -209,8 +205,9 @@ def build_plan(cfg, pieces: dict) -> dict:
     dtype_note = ("fp32 (train.dtype=fp32)" if fp32 else
                   "bf16 (train.dtype=bf16)" if t.dtype == "bf16" else
                   "bf16 (train.dtype=auto: bf16 on GPU, assumed for planning)")
-    tensor_bytes = s * b * d * nbytes  # one [s, b, d] tensor, whole sequence (all TP ranks together)
-    dp, dp_note = data_parallel_size(tp, pp)
+    payload = hop_bytes(layout, seq=s, micro_batch=b, hidden=d, elem_bytes=nbytes, tp=tp)
+    tensor_bytes = payload.tensor_bytes  # one [s, b, d] tensor, whole sequence (all TP ranks together)
+    dp, dp_note = data_parallel_size(tp, pp, t.dry_run_world_size)
     notes = []
     if dp % ep:
         notes.append(f"a real run needs dp a multiple of ep={ep} (world = tp*pp*dp); planned with dp={dp}")
@@ -231,6 +228,7 @@ def build_plan(cfg, pieces: dict) -> dict:
     for c in range(layout.num_chunks):
         first = layout.first_layer(c)
         layers = list(range(first, first + layout.layers[c]))
+        kinds = [layer_kind(m, i) for i in layers]
         parts = [pieces["layers"][i] for i in layers]
         if c == 0:
             parts.append(pieces["embedding"])
@@ -242,8 +240,7 @@ def build_plan(cfg, pieces: dict) -> dict:
         act_layers = sum(layer_activation_coeff(m, i, par.recompute) for i in layers) * s * b * d * nbytes / tp
         stages.append({
             "chunk": c, "rank": layout.rank_of(c), "vstage": c // pp,
-            "layers": layers, "attention": [m.layer_pattern[i] for i in layers],
-            "ffn": [_ffn_kind(m, i) for i in layers],
+            "layers": layers, "attention": [k.letter for k in kinds], "ffn": [k.ffn for k in kinds],
             "embedding": c == 0, "lm_head": c == last,
             "params_total": sums["total"], "params_active": sums["active"],
             "params_per_gpu": dense + expert, "expert_params_per_gpu": expert,
@@ -269,8 +266,7 @@ def build_plan(cfg, pieces: dict) -> dict:
             for v in furthest.values():
                 c = v * pp + p
                 done = 2 * layout.first_layer(c + 1)  # sublayers done at the end of chunk c
-                n, partial = 1 + done // layout.block_size, done % layout.block_size != 0
-                blocks_kept += n + int(partial)
+                blocks_kept += state_after(done, layout.block_size).num_tensors
         block_bytes = blocks_kept * tensor_bytes / tp
         logit_bytes = s * b * m.vocab_size / tp * LOGIT_BYTES if p == layout.rank_of(last) else 0
         total = sum(st["memory_bytes"] for st in mine) + block_bytes + logit_bytes
@@ -285,33 +281,24 @@ def build_plan(cfg, pieces: dict) -> dict:
         })
 
     # -- hops ---------------------------------------------------------------------------------------
-    tensors = layout.tensors_per_hop()
     hops = []
-    for c, n in enumerate(tensors):
+    for c, (n, nb, nb_tp) in enumerate(zip(payload.tensors, payload.bytes, payload.bytes_per_tp_rank)):
         hop = layout.hops[c] if layout.block_size is not None else None
         hops.append({
             "src": c, "dst": c + 1, "src_rank": layout.rank_of(c), "dst_rank": layout.rank_of(c + 1),
             "blocks": list(hop.blocks) if hop else [], "partial": hop.partial if hop else False,
-            "hidden": hop is None, "tensors": n, "bytes": n * tensor_bytes,
-            "bytes_per_tp_rank": n * tensor_bytes // tp,
+            "hidden": hop is None, "tensors": n, "bytes": nb, "bytes_per_tp_rank": nb_tp,
         })
-    per_mb = sum(h["bytes"] for h in hops)
-    # closed forms: AttnRes layouts whose block boundaries fall on chunk boundaries, N_p blocks each
-    np_blocks, closed = None, {"bytes_eq7": None, "bytes_eq8": None, "bytes_expected": None}
-    S = layout.block_size
-    if S is not None and len(set(layout.layers)) == 1 and (2 * layout.layers[0]) % S == 0:
-        np_blocks = 2 * layout.layers[0] // layout.block_size
-        closed = {"bytes_eq7": paper_eq7(pp, vpp, np_blocks) * tensor_bytes,
-                  "bytes_eq8": paper_eq8(pp, vpp, np_blocks) * tensor_bytes,
-                  "bytes_expected": (expected_aligned(pp, vpp, np_blocks) if layout.cache
-                                     else paper_eq7(pp, vpp, np_blocks)) * tensor_bytes}
+    per_mb = sum(payload.bytes)
+    # closed forms (parallel/layout.py): null unless block boundaries fall on chunk boundaries
+    closed = {key: payload.closed_bytes(name) for key, name in CLOSED_FORM_KEYS}
     return {
         "pipeline": {"tp": tp, "pp": pp, "vpp": vpp, "ep": ep, "dp": dp, "dp_source": dp_note,
                      "layers_per_chunk": list(layout.layers), "attnres_cache": layout.cache,
-                     "aligned_blocks_per_chunk": np_blocks},
+                     "aligned_blocks_per_chunk": aligned_blocks_per_chunk(layout.layers, layout.block_size)},
         "stages": stages, "ranks": ranks, "hops": hops,
         "payload_dtype": dtype_note, "tensor_bytes": tensor_bytes,
-        "tensors_per_microbatch": sum(tensors),
+        "tensors_per_microbatch": sum(payload.tensors),
         "bytes_per_microbatch": per_mb,  # forward; the backward sends the same again
         "microbatches_per_step": num_micro,
         "bytes_per_step": 2 * per_mb * num_micro,  # forward + backward, one pipeline (dp replica)
@@ -365,11 +352,11 @@ def format_plan(plan: dict) -> str:
     out.append(f"per micro-batch: {plan['tensors_per_microbatch']} tensors, "
                f"{plan['bytes_per_microbatch'] / mib:.1f} MiB forward (the same backward); per step: {_gib(plan['bytes_per_step'])} "
                f"(forward + backward, {plan['microbatches_per_step']} micro-batches, per pipeline)")
-    if plan["bytes_eq8"] is not None:
+    if plan["bytes_expected"] is not None:
         tb = plan["tensor_bytes"]
-        out.append(f"closed forms (N_p={pl['aligned_blocks_per_chunk']} blocks per chunk), per micro-batch forward: "
-                   + ", ".join(f"{label} {plan[key] // tb} tensors ({plan[key] / mib:.1f} MiB)" for label, key in
-                               (("expected", "bytes_expected"), ("paper Eq.8", "bytes_eq8"), ("Eq.7", "bytes_eq7"))))
+        out.append(f"closed forms (N_p={pl['aligned_blocks_per_chunk']} blocks per chunk), per micro-batch forward:")
+        out.extend(f"  {CLOSED_FORM_LABELS[key]}: {plan[key] // tb} tensors ({plan[key] / mib:.1f} MiB)"
+                   for key, _ in CLOSED_FORM_KEYS)
     else:
         out.append("closed forms (paper Eq.7/Eq.8): n/a (standard residual, or block boundaries not at chunk "
                    "boundaries); the count above is the layout's")
@@ -387,7 +374,7 @@ def dry_run(cfg, run_dir: Path) -> dict:
         "block_size": effective_block_size(cfg.model),
         "num_layers": cfg.model.num_layers,
         "num_sublayers": num_sublayers(cfg.model),
-        "attnres_sources": attnres_sources(cfg.model),
+        "attnres_sources": num_sources(cfg.model),
         "params_total": counts["params_total"],
         "params_active": counts["params_active"],
         "params_by_module": {k: {"total": t, "active": a} for k, (t, a) in counts["table"].items()},

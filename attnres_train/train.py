@@ -3,28 +3,54 @@
     attnres-train                                                  # tiny model, bundled corpus
     attnres-train model.residual=standard                          # the baseline twin
     attnres-train model=kimi_linear_48b_a3b train.dry_run=true     # counts + plan.json, seconds
+
+Reading order: `build_training` (everything a loop needs, shared with the profiler), `train` (the
+loop, one screen), the loop's named steps below it (`Cadence`, `Throughput`, `Validation`,
+`open_run`, `finish`), then `run` / `main`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import json
-import logging
-import os
+import resource
 import sys
 import time
-import warnings
+from dataclasses import dataclass, field
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Optional
 
 import hydra
 import torch
+import torch.distributed as dist
+from hydra.core.hydra_config import HydraConfig
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset
 
-from attnres_train import cpu_compat
+from attnres_train import checkpoint, cpu_compat
 from attnres_train.config import ConfigError, register_configs, validate_config
-
-CONFIG_DIR = str(Path(__file__).resolve().parent.parent / "configs")
+from attnres_train.config.compose import CONFIG_DIR, check_overrides
+from attnres_train.config.validate import validate_vocab
+from attnres_train.data import build_datasets
+from attnres_train.data.loader import MicroBatches
+from attnres_train.diagnostics import Diagnostics
+from attnres_train.model.backend import Backend, record_backend, select_backend
+from attnres_train.model.counting import count_parameters
+from attnres_train.model.model import build_model
+from attnres_train.optim import build_optimizer, build_scheduler
+from attnres_train.plan import dry_run, single_process_parallel
+from attnres_train.preempt import PreemptionSignal
+from attnres_train.run_logger import RunLogger, device_peak_flops, model_flops_per_token
+from attnres_train.step import evaluate, train_step
+from attnres_train.train_state import TrainState
+from parallel.groups import destroy_distributed, init_distributed
+from parallel.layout import StageLayout, layout_for
+from parallel.pipeline import Pipeline
 
 register_configs()
 
@@ -35,23 +61,28 @@ def resolve_dtype(name: str) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
 
 
-def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Optional[Path] = None) -> SimpleNamespace:
+# -- build ---------------------------------------------------------------------------------------
+@dataclass
+class Training:
+    """Everything a training loop needs on this rank (`build_training`)."""
+
+    rank: int  # global rank
+    dp: int  # data-parallel size
+    dp_rank: int
+    num_micro: int  # micro-batches per step on this rank: global batch / (micro batch x dp)
+    dtype: torch.dtype  # parameter dtype
+    train_ds: Dataset
+    valid_ds: Dataset
+    counts: dict  # count_parameters of the whole model: params_total, params_active, table
+    state: TrainState  # this rank's model chunks, optimizer, LR schedule, step: what checkpoints hold
+    layout: StageLayout  # which layers each pipeline chunk holds, and what the hops carry
+    pipeline: Pipeline  # runs the DDP-wrapped chunks through megatron's schedules
+
+
+def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Optional[Path] = None) -> Training:
     """Everything a training loop needs, built the same way for `attnres-train` and the profiler:
-    datasets, this rank's DDP-wrapped model chunks, optimizer, LR schedule, pipeline runtime."""
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from attnres_train.config.validate import validate_vocab
-    from attnres_train.data import build_datasets
-    from attnres_train.model.counting import count_parameters
-    from attnres_train.model.model import build_model
-    from attnres_train.optim import build_optimizer, build_scheduler
-    from parallel.layout import layout_for
-    from parallel.pipeline import Pipeline
-
+    datasets, this rank's DDP-wrapped model chunks, optimizer, LR schedule, pipeline runtime.
+    The order (seeds, data, model, optimizer) fixes the RNG draws: keep it."""
     t, m = cfg.train, cfg.model
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     if t.global_batch_size % (t.micro_batch_size * dp):
@@ -86,134 +117,17 @@ def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Opt
     scheduler = build_scheduler(t, optimizer)
     layout = layout_for(m, cfg.parallel)
     pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
-    return SimpleNamespace(rank=dist.get_rank(), dp=dp, dp_rank=dp_rank, num_micro=num_micro, dtype=dtype,
-                           train_ds=train_ds, valid_ds=valid_ds, counts=counts, model_chunks=model_chunks,
-                           chunks=chunks, optimizer=optimizer, scheduler=scheduler, layout=layout,
-                           pipeline=pipeline)
-
-
-def train(cfg, run_dir: Path) -> dict:
-    import torch.distributed as dist
-
-    from attnres_train import checkpoint
-    from attnres_train.data.loader import MicroBatches
-    from attnres_train.diagnostics import Diagnostics
-    from attnres_train.logging import RunLogger, device_peak_flops, model_flops_per_token
-    from attnres_train.step import evaluate, train_step
-
-    t, m = cfg.train, cfg.model
-    run = build_training(cfg, scratch_dir=run_dir)
-    rank, dp, dp_rank, num_micro = run.rank, run.dp, run.dp_rank, run.num_micro
-    train_ds, valid_ds, counts = run.train_ds, run.valid_ds, run.counts
-    model_chunks, chunks, optimizer, scheduler = run.model_chunks, run.chunks, run.optimizer, run.scheduler
-    pipeline = run.pipeline
-
-    ckpt_root = run_dir / "checkpoints"
-    meta = None
-    if t.resume == "auto":
-        meta = checkpoint.load_latest(ckpt_root, chunks, optimizer, scheduler, m,
-                                      log=print if rank == 0 else (lambda *_: None))
-    elif t.resume != "none":
-        meta = checkpoint.load(Path(t.resume), chunks, optimizer, scheduler, m)
-    start = meta["step"] if meta else 0
-    if start >= t.steps:
-        if rank == 0:
-            print(f"{run_dir} already holds a checkpoint at step {start} >= train.steps={t.steps}: nothing "
-                  "to train. Raise train.steps to continue it, or pick a new hydra.run.dir.")
-        return json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
-
-    from attnres_train.model.backend import select_backend
-
-    backend = select_backend(m)  # every rank: a missing fast path raises here, not mid-step
-    resolved = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
-    logger = RunLogger(run_dir, cfg, total_steps=t.steps, enabled=rank == 0, resolved_config=resolved)
-    if rank == 0:
-        (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-        print(f"model {m.name} residual={m.residual}: {counts['params_total']:,} params "
-              f"({counts['params_active']:,} active); {len(train_ds):,} train / {len(valid_ds):,} valid "
-              f"samples of {m.seq_length} tokens; run dir {run_dir}"
-              + (f"; resumed from step {start}" if start else ""), flush=True)
-        print(backend.describe(), flush=True)
-    embed = counts["table"].get("embedding", (0, 0))[0]
-    flops_per_token = model_flops_per_token(m, counts["params_active"] - embed)
-    peak = device_peak_flops()
-    batches = MicroBatches(train_ds, micro_batch_size=t.micro_batch_size, num_micro=num_micro,
-                           dp_rank=dp_rank, dp_size=dp)
-    valid_batches = MicroBatches(valid_ds, micro_batch_size=t.micro_batch_size, num_micro=0,
-                                 dp_rank=dp_rank, dp_size=dp)
-    tokens_per_step = t.global_batch_size * m.seq_length
-    diag = Diagnostics(model_chunks, run_dir) if cfg.logging.diag_interval and rank == 0 else None
-    logger.set_start(start)
-    val_loss, best_val, step_times = None, float("inf"), []
-
-    eval_batches = valid_batches.eval_batches(t.eval_batches)  # collated once, reused every pass
-
-    def run_eval() -> float:
-        return evaluate(pipeline, eval_batches)
-
-    from attnres_train.preempt import PreemptionSignal
-
-    # SIGUSR1/SIGTERM (slurm time limit, preemption): checkpoint after the current step and return.
-    # Handlers are restored on return; an exception ends the process anyway.
-    preempt = PreemptionSignal()
-    for step in range(start, t.steps):
-        done = step + 1
-        diag_step = diag is not None and (done % cfg.logging.diag_interval == 0 or done == t.steps)
-        if diag_step:
-            diag.start()
-        tic = time.perf_counter()
-        out = train_step(pipeline, optimizer, scheduler, batches.for_step(step))
-        step_times.append(time.perf_counter() - tic)
-        if diag_step:
-            diag.finish(done)
-        record = {}
-        if done % cfg.logging.log_interval == 0 or done == t.steps or done == start + 1:
-            dt = sum(step_times) / len(step_times)
-            step_times = []
-            record.update(loss=out["loss"], lr=optimizer.param_groups[0]["lr"], grad_norm=out["grad_norm"],
-                          tokens=done * tokens_per_step, tokens_per_s=tokens_per_step / dt, step_time_s=dt,
-                          mfu=flops_per_token * tokens_per_step / dt / (peak * dist.get_world_size()))
-        if (t.eval_interval and done % t.eval_interval == 0) or done == t.steps:
-            val_loss = run_eval()
-            best_val = min(best_val, val_loss)
-            record["val_loss"] = val_loss
-        if record:
-            logger.log(done, record)
-        stop = done < t.steps and preempt.requested()  # a collective: every rank, every step
-        if (t.save_interval and done % t.save_interval == 0) or done == t.steps or stop:
-            saved = checkpoint.save(ckpt_root, done, chunks, optimizer, scheduler, model_cfg=m,
-                                    consumed_samples=done * t.global_batch_size, keep_last=t.keep_last)
-        if stop:  # exit code 0; no summary.json (the run is not finished)
-            if rank == 0:
-                print(f"preempted at step {done}/{t.steps} ({preempt.reason}): checkpoint saved to {saved}; "
-                      "resubmit the same command (same hydra.run.dir) to resume", flush=True)
-            preempt.close()
-            logger.close()
-            return {"steps": t.steps, "preempted_at_step": done}
-    preempt.close()
-    summary = {"steps": t.steps, "final_val_loss": val_loss, "best_val_loss": best_val,
-               "params_total": counts["params_total"], "params_active": counts["params_active"],
-               "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(model_chunks)}
-    if rank == 0:
-        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
-        summary["tokens_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else None
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-        print(f"done: final val_loss {val_loss:.4f} (best {best_val:.4f}); summary in {run_dir / 'summary.json'}")
-    logger.close()
-    return summary
+    return Training(rank=dist.get_rank(), dp=dp, dp_rank=dp_rank, num_micro=num_micro, dtype=dtype,
+                    train_ds=train_ds, valid_ds=valid_ds, counts=counts,
+                    state=TrainState(model_chunks, optimizer, scheduler), layout=layout, pipeline=pipeline)
 
 
 def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: bool = False, seed: int = 0,
                  scratch_dir: Optional[Path] = None) -> list:
     """This rank's model chunks: one per virtual pipeline stage."""
-    from megatron.core import parallel_state as ps
-
-    from attnres_train.model.model import build_model
-
-    init_dir = _unsplit_init_dir(scratch_dir) if layout_independent_init else None
+    init_dir = checkpoint.unsplit_init_dir(scratch_dir) if layout_independent_init else None
     if init_dir is not None:
-        save_unsplit_init(model_cfg, parallel_cfg, dtype, seed, init_dir)
+        checkpoint.save_unsplit_init(model_cfg, parallel_cfg, dtype, seed, init_dir)
     vpp = parallel_cfg.vpp
     chunks = []
     for v in range(vpp):
@@ -223,82 +137,215 @@ def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: boo
                             post_process=ps.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage))
         chunks.append(chunk)
     if init_dir is not None:
-        load_unsplit_init(chunks, init_dir)
+        checkpoint.load_unsplit_init(chunks, init_dir)
     if torch.cuda.is_available():
         for chunk in chunks:
             chunk.cuda()
     return chunks
 
 
-def _unsplit_init_dir(scratch_dir: Optional[Path]) -> Path:
-    """One directory every rank agrees on: under the run dir (shared by the nodes, like the
-    checkpoints), or a temporary one made by rank 0 (single node)."""
-    import tempfile
+# -- the loop ------------------------------------------------------------------------------------
+def train(cfg, run_dir: Path) -> dict:
+    """Train to cfg.train.steps in run_dir, resuming per train.resume; returns summary.json's
+    content, or {"steps", "preempted_at_step"} when a signal stopped the run early."""
+    t, m = cfg.train, cfg.model
+    run = build_training(cfg, scratch_dir=run_dir)
+    state, ckpt_root = run.state, run_dir / "checkpoints"
+    checkpoint.resume(t.resume, ckpt_root, state, m, log=print if run.rank == 0 else _silent)
+    start = state.step
+    if start >= t.steps:
+        return nothing_to_train(run_dir, start, t.steps, verbose=run.rank == 0)
+    backend = select_backend(m)  # every rank: a missing fast path raises here, not mid-step
+    logger = open_run(cfg, run, run_dir, backend)
+    meter = Throughput.for_run(cfg, run.counts)  # after the build: its CPU probe draws torch.randn
+    batches = MicroBatches(run.train_ds, micro_batch_size=t.micro_batch_size, num_micro=run.num_micro,
+                           dp_rank=run.dp_rank, dp_size=run.dp)
+    valid_batches = MicroBatches(run.valid_ds, micro_batch_size=t.micro_batch_size, num_micro=0,
+                                 dp_rank=run.dp_rank, dp_size=run.dp)
+    diag = Diagnostics(state.model_chunks, run_dir) if cfg.logging.diag_interval and run.rank == 0 else None
+    cadence = Cadence.for_run(cfg, start)
+    logger.set_start(start)
+    validation = Validation(run.pipeline, valid_batches.eval_batches(t.eval_batches))
 
-    import torch.distributed as dist
-
-    path = [str(Path(scratch_dir) / ".unsplit-init") if scratch_dir else
-            (tempfile.mkdtemp(prefix="attnres-init-") if dist.get_rank() == 0 else None)]
-    dist.broadcast_object_list(path, src=0)
-    return Path(path[0])
-
-
-def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, path: Path) -> None:
-    """The unsplit model's initial weights (what one process gets from `seed`) as a megatron
-    distributed checkpoint, so that any TP/PP/EP layout can start from them: dist_checkpointing
-    reshards (TP slices, expert ranges, pipeline layer ranges), which a name mapping cannot.
-    Every rank builds the whole model under TP=PP=EP=1 groups; the run's groups are restored after."""
-    import shutil
-
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
-    from megatron.core import parallel_state as ps
-    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
-
-    from attnres_train.config.schema import ParallelConfig
-    from attnres_train.model.model import build_model
-    from parallel.groups import init_model_parallel
-
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
-        path.mkdir(parents=True)
-    dist.barrier()
-    ps.destroy_model_parallel()
-    init_model_parallel(ParallelConfig())
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
-    reference = build_model(model_cfg, params_dtype=dtype)
-    dist_checkpointing.save({"model": reference.sharded_state_dict()}, str(path), sharded_strategy=("torch_dist", 1))
-    del reference
-    ps.destroy_model_parallel()
-    init_model_parallel(parallel_cfg)
-    torch.manual_seed(seed)
-    model_parallel_cuda_manual_seed(seed)
+    # SIGUSR1/SIGTERM (slurm time limit, preemption): checkpoint after the current step and return;
+    # the previous handlers are back once the block is left.
+    with PreemptionSignal() as preempt:
+        for step in range(start, t.steps):
+            out = timed_step(run, batches, step, meter, diag if cadence.draws_diagnostics(step + 1) else None)
+            state.finish_step(t.global_batch_size)
+            record = step_record(out, state, meter) if cadence.logs(state.step) else {}
+            if cadence.evaluates(state.step):
+                record["val_loss"] = validation()
+            if record:
+                logger.log(state.step, record)
+            stop = state.step < t.steps and preempt.requested()  # a collective: every rank, every step
+            if cadence.saves(state.step) or stop:
+                saved = checkpoint.save(ckpt_root, state, model_cfg=m, keep_last=t.keep_last)
+            if stop:  # exit code 0; no summary.json (the run is not finished)
+                if run.rank == 0:
+                    print(f"preempted at step {state.step}/{t.steps} ({preempt.reason}): checkpoint saved to "
+                          f"{saved}; resubmit the same command (same hydra.run.dir) to resume", flush=True)
+                logger.close()
+                return {"steps": t.steps, "preempted_at_step": state.step}
+    return finish(run_dir, cfg, run, validation, logger, backend)
 
 
-def load_unsplit_init(chunks: list, path: Path) -> None:
-    """Load each chunk's shard of save_unsplit_init's checkpoint, then remove it."""
-    import shutil
+# -- the loop's named steps ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class Cadence:
+    """Which steps log, evaluate, save a checkpoint and draw diagnostics. `done` counts finished
+    steps (1-based); the last step does everything, and the first step of a (re)start logs."""
 
-    import torch.distributed as dist
-    from megatron.core import dist_checkpointing
+    total: int
+    start: int  # the step training (re)starts after
+    log_interval: int
+    eval_interval: int  # 0: only at the end
+    save_interval: int  # 0: only at the end
+    diag_interval: int  # 0: never
 
-    for chunk in chunks:
-        state = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(path),
-                                        sharded_strategy=("torch_dist", 1))
-        result = chunk.load_state_dict(state["model"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"unsplit init: missing {missing}, unexpected {result.unexpected_keys}")
-    dist.barrier()
-    if dist.get_rank() == 0:
-        shutil.rmtree(path, ignore_errors=True)
+    @classmethod
+    def for_run(cls, cfg, start: int) -> "Cadence":
+        return cls(total=cfg.train.steps, start=start, log_interval=cfg.logging.log_interval,
+                   eval_interval=cfg.train.eval_interval, save_interval=cfg.train.save_interval,
+                   diag_interval=cfg.logging.diag_interval)
+
+    def logs(self, done: int) -> bool:
+        return done % self.log_interval == 0 or done == self.total or done == self.start + 1
+
+    def evaluates(self, done: int) -> bool:
+        return bool(self.eval_interval and done % self.eval_interval == 0) or done == self.total
+
+    def saves(self, done: int) -> bool:
+        return bool(self.save_interval and done % self.save_interval == 0) or done == self.total
+
+    def draws_diagnostics(self, done: int) -> bool:
+        return bool(self.diag_interval) and (done % self.diag_interval == 0 or done == self.total)
+
+
+@dataclass
+class Throughput:
+    """Step times since the last logged step -> tokens/s and MFU (model FLOPs per token x tokens,
+    over the peak of every rank's device)."""
+
+    tokens_per_step: int  # global batch x sequence length
+    flops_per_token: float  # model_flops_per_token: 6 x non-embedding active params + attention
+    peak_flops: float  # one device's
+    world_size: int
+    times: list = field(default_factory=list)
+
+    @classmethod
+    def for_run(cls, cfg, counts: dict) -> "Throughput":
+        embed = counts["table"].get("embedding", (0, 0))[0]
+        return cls(tokens_per_step=cfg.train.global_batch_size * cfg.model.seq_length,
+                   flops_per_token=model_flops_per_token(cfg.model, counts["params_active"] - embed),
+                   peak_flops=device_peak_flops(cfg.logging.peak_flops),  # CPU: a 0.2 s GEMM probe
+                   world_size=dist.get_world_size())
+
+    def add(self, step_time_s: float) -> None:
+        self.times.append(step_time_s)
+
+    def mfu(self, step_time_s: float) -> float:
+        return self.flops_per_token * self.tokens_per_step / step_time_s / (self.peak_flops * self.world_size)
+
+    def take(self, done: int) -> dict:
+        """tokens, tokens_per_s, step_time_s, mfu over the steps since the last call."""
+        dt = sum(self.times) / len(self.times)
+        self.times = []
+        return {"tokens": done * self.tokens_per_step, "tokens_per_s": self.tokens_per_step / dt,
+                "step_time_s": dt, "mfu": self.mfu(dt)}
+
+
+@dataclass
+class Validation:
+    """The validation loss over fixed micro-batches (collated once, reused every pass)."""
+
+    pipeline: Pipeline
+    batches: list
+    last: Optional[float] = None
+    best: float = float("inf")
+
+    def __call__(self) -> float:
+        self.last = evaluate(self.pipeline, self.batches)
+        self.best = min(self.best, self.last)
+        return self.last
+
+
+def timed_step(run: Training, batches: MicroBatches, step: int, meter: Throughput,
+               diag: Optional[Diagnostics]) -> dict:
+    """Train step `step` (0-based; its batches collated inside the timing), recording its time in
+    `meter`; under `diag` (when given) its sublayer statistics too."""
+    if diag is not None:
+        diag.start()
+    tic = time.perf_counter()
+    out = train_step(run.pipeline, run.state.optimizer, run.state.scheduler, batches.for_step(step))
+    meter.add(time.perf_counter() - tic)
+    if diag is not None:
+        diag.finish(step + 1)
+    return out
+
+
+def step_record(out: dict, state: TrainState, meter: Throughput) -> dict:
+    """The metrics.jsonl record of the step just finished (keys in the order they are written)."""
+    return {"loss": out["loss"], "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": out["grad_norm"],
+            **meter.take(state.step)}
+
+
+def open_run(cfg, run: Training, run_dir: Path, backend: Backend) -> RunLogger:
+    """The run's logger (metrics.jsonl, tensorboard, wandb; written by rank 0), its config.yaml and
+    the start-up lines."""
+    m, start = cfg.model, run.state.step
+    ran = record_backend(cfg, backend)  # the config with every "auto" backend choice resolved
+    resolved = OmegaConf.to_container(OmegaConf.structured(ran), resolve=True, enum_to_str=True)
+    logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, enabled=run.rank == 0, resolved_config=resolved)
+    if run.rank == 0:
+        write_run_config(run_dir, ran)
+        print(f"model {m.name} residual={m.residual}: {run.counts['params_total']:,} params "
+              f"({run.counts['params_active']:,} active); {len(run.train_ds):,} train / {len(run.valid_ds):,} "
+              f"valid samples of {m.seq_length} tokens; run dir {run_dir}"
+              + (f"; resumed from step {start}" if start else ""), flush=True)
+        print(backend.describe(), flush=True)
+    return logger
+
+
+def write_run_config(run_dir: Path, cfg) -> None:
+    """config.yaml: the config the run trains with, its backend choices as resolved (record_backend)."""
+    (run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+
+def nothing_to_train(run_dir: Path, start: int, steps: int, *, verbose: bool) -> dict:
+    """The run dir's checkpoint is already at or past train.steps: say so, return its summary."""
+    if verbose:
+        print(f"{run_dir} already holds a checkpoint at step {start} >= train.steps={steps}: nothing "
+              "to train. Raise train.steps to continue it, or pick a new hydra.run.dir.")
+    summary = run_dir / "summary.json"
+    return json.loads(summary.read_text()) if summary.exists() else {}
+
+
+def finish(run_dir: Path, cfg, run: Training, validation: Validation, logger: RunLogger, backend: Backend) -> dict:
+    """summary.json (rank 0 writes it): final and best validation loss, sizes, peak memory, the
+    median logged tokens/s, a hash of the weights, and the backend that ran (with the reasons)."""
+    counts = run.counts
+    summary = {"steps": cfg.train.steps, "final_val_loss": validation.last, "best_val_loss": validation.best,
+               "params_total": counts["params_total"], "params_active": counts["params_active"],
+               "peak_memory_bytes": peak_memory_bytes(), "weights_sha256": weights_sha256(run.state.model_chunks),
+               "backend": backend.as_dict()}
+    if run.rank == 0:
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        speeds = [r["tokens_per_s"] for r in metrics if "tokens_per_s" in r]
+        summary["tokens_per_s"] = sorted(speeds)[len(speeds) // 2] if speeds else None
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+        print(f"done: final val_loss {validation.last:.4f} (best {validation.best:.4f}); "
+              f"summary in {run_dir / 'summary.json'}")
+    logger.close()
+    return summary
+
+
+def _silent(*_) -> None:
+    """The log function of ranks other than 0."""
 
 
 def weights_sha256(model_chunks: list) -> str:
     """Hash of this rank's parameters (bitwise): resume tests compare it with an unbroken run."""
-    import hashlib
-
     h = hashlib.sha256()
     params = [(n, p) for chunk in model_chunks for n, p in chunk.named_parameters()]
     for name, p in params:
@@ -310,47 +357,34 @@ def weights_sha256(model_chunks: list) -> str:
 def peak_memory_bytes() -> int:
     if torch.cuda.is_available():
         return torch.cuda.max_memory_allocated()
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def quiet_third_party() -> None:
-    """megatron logs every bucket's parameter list and its config at INFO, and warns at import
-    about optional packages (TE, Apex) whose absence the CPU path expects."""
-    logging.getLogger("megatron").setLevel(logging.WARNING)
-    for pattern in (r".*(Transformer Engine|Apex).* not installed.*", r".*full scope is deprecated.*",
-                    r".*ShardedTensor.*", r".*`load_state_dict` is deprecated.*"):
-        warnings.filterwarnings("ignore", message=pattern)
-
-
-def run(cfg, run_dir: Path):
+# -- the process ---------------------------------------------------------------------------------
+@contextlib.contextmanager
+def prepared_process(cfg):
+    """Validate `cfg`, prepare this process (quiet logs, the CPU patches) and hold its process
+    groups for the block: `attnres-train` and the profiler's workers start the same way."""
     validate_config(cfg)
-    quiet_third_party()
     cpu_compat.apply()
-    from parallel.groups import destroy_distributed, init_distributed
-
-    if cfg.train.dry_run:  # one process plans any layout: the plan reads the sizes from cfg.parallel
-        from attnres_train.plan import single_process_parallel
-
-        init_distributed(single_process_parallel(cfg.parallel))
-    else:
-        init_distributed(cfg.parallel)
+    # a dry run plans any layout in one process: the plan reads the sizes from cfg.parallel
+    init_distributed(single_process_parallel(cfg.parallel) if cfg.train.dry_run else cfg.parallel)
     try:
-        if cfg.train.dry_run:
-            from attnres_train.plan import dry_run
-
-            return dry_run(cfg, run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        return train(cfg, run_dir)
+        yield
     finally:
         destroy_distributed()
 
 
+def run(cfg, run_dir: Path):
+    with prepared_process(cfg):
+        if cfg.train.dry_run:
+            return dry_run(cfg, run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return train(cfg, run_dir)
+
+
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
 def _hydra_main(cfg: DictConfig) -> None:
-    from hydra.core.hydra_config import HydraConfig
-
     typed = OmegaConf.to_object(cfg)  # dataclass instances, validated types
     try:
         run(typed, Path(HydraConfig.get().runtime.output_dir))
@@ -360,9 +394,11 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
-    if not torch.cuda.is_available():
-        # Before any megatron import: its jit_fuser (torch.compile) is slower than eager on CPU.
-        os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
+    try:  # a value the schema refuses: one line naming the key and the allowed values, not hydra's report
+        check_overrides(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"attnres-train: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(2)
     _hydra_main()
 
 

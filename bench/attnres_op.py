@@ -21,8 +21,10 @@ sublayer outputs, stream, queries), deduplicated by storage ("saved_bytes", reco
 torch.autograd.graph.saved_tensors_hooks).
 
 Usage:
-    python bench/attnres_op.py --tokens 1024          # CPU, fp32
-    python bench/attnres_op.py --tokens 16384         # CUDA, bf16
+    python -m bench.attnres_op --tokens 1024          # CPU, fp32 (make bench)
+    python -m bench.attnres_op --tokens 16384         # CUDA, bf16
+
+Run from the repository root: ``bench`` is a package there (tests import it as ``bench.attnres_op``).
 """
 
 from __future__ import annotations
@@ -41,10 +43,7 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from attnres_train.model.attnres import (  # noqa: E402
+from attnres_train.model.attnres import (
     attnres_lean,
     attnres_merge,
     attnres_naive,
@@ -52,6 +51,7 @@ from attnres_train.model.attnres import (  # noqa: E402
     triton_available,
 )
 
+REPO = Path(__file__).resolve().parents[1]
 EPS = 1e-6
 
 
@@ -359,7 +359,7 @@ def main(argv=None):
     meta = {
         "device": dev_name,
         "device_type": device.type,
-        "command": " ".join(shlex.quote(a) for a in [sys.executable, *sys.argv]),
+        "command": shlex.join(["python", "-m", "bench.attnres_op", *sys.argv[1:]]),
         "date": now.isoformat(timespec="seconds"),
         "torch": torch.__version__,
         "git_sha": _git_sha(),

@@ -34,11 +34,11 @@ step_tests() {
   "$PY" -m pytest -q -m gpu tests 2>&1 | tee "$RESULTS/gpu_tests_${DEV}_${DATE}.log" | tail -5
 }
 step_op() {
-  "$PY" bench/attnres_op.py --preset kimi48b --tokens 16384 --name "attnres_op_${DEV}_kimi48b_${DATE}" \
-    && "$PY" bench/attnres_op.py --preset paper --tokens 16384 --name "attnres_op_${DEV}_paper_${DATE}"
+  "$PY" -m bench.attnres_op --preset kimi48b --tokens 16384 --name "attnres_op_${DEV}_kimi48b_${DATE}" \
+    && "$PY" -m bench.attnres_op --preset paper --tokens 16384 --name "attnres_op_${DEV}_paper_${DATE}"
 }
 step_tiles() {
-  "$PY" bench/triton_tiles.py --preset kimi48b --tokens 16384 --name "triton_tiles_${DEV}_kimi48b_${DATE}"
+  "$PY" -m bench.triton_tiles --preset kimi48b --tokens 16384 --name "triton_tiles_${DEV}_kimi48b_${DATE}"
 }
 step_profile() {
   "$BIN/attnres-train-profile" --steps 20 --warmup 5 --repeats 3 --name "profile_small_1gpu_${DEV}_${DATE}" \

@@ -14,8 +14,8 @@ timed with ``triton.testing.do_bench`` (median ms). Written: ``bench/results/<na
 table ``<name>.md`` with the device, the command and the date, and the fastest correct tile per
 kernel, to be copied into triton_kernels.py.
 
-    python bench/triton_tiles.py --preset kimi48b --tokens 16384      # on the GPU (make gpu-bench)
-    TRITON_INTERPRET=1 python bench/triton_tiles.py --quick --tokens 6 --dim 40 --no-write  # CPU check
+    python -m bench.triton_tiles --preset kimi48b --tokens 16384      # on the GPU (make gpu-bench)
+    TRITON_INTERPRET=1 python -m bench.triton_tiles --quick --tokens 6 --dim 40 --no-write  # CPU check
 """
 
 from __future__ import annotations
@@ -29,12 +29,10 @@ from pathlib import Path
 
 import torch
 
+from attnres_train.model.attnres import attnres_merge, attnres_phase1
+from bench.attnres_op import PRESETS, _device_name, _git_sha
+
 BENCH = Path(__file__).resolve().parent
-sys.path.insert(0, str(BENCH))
-
-from attnres_op import PRESETS, _device_name, _git_sha  # noqa: E402
-
-from attnres_train.model.attnres import attnres_merge, attnres_phase1  # noqa: E402
 
 EPS = 1e-6
 
@@ -207,7 +205,7 @@ def write(args, kernels: dict, argv: list) -> Path:
     stem = Path(args.results_dir) / (args.name or f"triton_tiles_{dt.date.today().isoformat()}")
     meta = {
         "device": _device_name(device),
-        "command": "python bench/triton_tiles.py " + " ".join(shlex.quote(a) for a in argv),
+        "command": shlex.join(["python", "-m", "bench.triton_tiles", *argv]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "git": _git_sha(),
         "torch": torch.__version__,
@@ -351,7 +349,7 @@ def write_compile(args, report: dict, argv: list) -> Path:
     meta = {
         "device": f"none: compiled offline for sm_{args.compile_only} (Triton {triton.__version__}, "
                   "bundled ptxas)",
-        "command": "python bench/triton_tiles.py " + " ".join(shlex.quote(a) for a in argv),
+        "command": shlex.join(["python", "-m", "bench.triton_tiles", *argv]),
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "git": _git_sha(),
         "shapes": {"dim": args.dim, "blocks": args.blocks, "sublayers": args.sublayers,
@@ -367,7 +365,7 @@ def write_compile(args, report: dict, argv: list) -> Path:
              "Registers per thread (255 max), spill stack / local bytes (0 = no spills), static "
              "shared bytes of the launch a tile setting gives (for S above "
              "`PHASE1_TILE_QUERIES` the phase-1 kernels shrink BLOCK_D). `*` marks the setting "
-             "triton_kernels.py uses now. Timing needs the GPU (`bench/triton_tiles.py` without "
+             "triton_kernels.py uses now. Timing needs the GPU (`python -m bench.triton_tiles` without "
              "`--compile-only`).", ""]
     for kernel, rows in report.items():
         current = tuple(getattr(tk, TILE_ATTR[kernel]))
@@ -392,7 +390,7 @@ def main(argv=None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                    help="set --blocks/--sublayers (as bench/attnres_op.py)")
+                    help="set --blocks/--sublayers (as bench.attnres_op)")
     ap.add_argument("--tokens", type=int, default=16384)
     ap.add_argument("--dim", type=int, default=2304)
     ap.add_argument("--blocks", type=int, default=9, help="completed sources (incl. embedding)")

@@ -8,22 +8,38 @@ import socket
 import torch
 import torch.distributed as dist
 
-from attnres_train.config.validate import ConfigError
+from attnres_train.errors import ConfigError
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free on this host now (for a single-node rendezvous)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def global_rank() -> int:
+    """This process's rank in the default group (0 without torch.distributed)."""
+    return dist.get_rank() if is_distributed() else 0
+
+
+def barrier() -> None:
+    """All ranks of the default group meet here (a no-op without torch.distributed)."""
+    if is_distributed():
+        dist.barrier()
 
 
 def check_world_size(world_size: int, tp: int, pp: int, ep: int) -> int:
     """Returns the data-parallel size; raises ConfigError if the sizes do not fit the world."""
     if world_size % (tp * pp):
         raise ConfigError(
-            "parallel", f"tp={tp} pp={pp}",
-            f"world size {world_size} is not divisible by tp*pp={tp * pp}: launch a multiple of "
-            f"{tp * pp} processes or change parallel.tp / parallel.pp",
+            "WORLD_SIZE", world_size,
+            f"world size {world_size} is not divisible by tp*pp={tp * pp} (parallel.tp={tp}, "
+            f"parallel.pp={pp}): launch a multiple of {tp * pp} processes or change parallel.tp / parallel.pp",
         )
     dp = world_size // (tp * pp)
     if dp % ep:
@@ -42,7 +58,7 @@ def gpu_for_local_rank(local_rank: int, local_world_size: int, device_count: int
     GPU: say so before anything is built, instead of an invalid-ordinal or NCCL error later."""
     if local_rank >= device_count or local_world_size > device_count:
         raise ConfigError(
-            "launch", f"{local_world_size} ranks on this node",
+            "LOCAL_WORLD_SIZE", local_world_size,
             f"this node has {device_count} visible GPU(s) but {local_world_size} ranks: NCCL needs "
             f"one GPU per rank (two ranks on one GPU are refused). Launch at most {device_count} "
             "processes per node (torchrun --nproc_per_node, attnres-train-profile --nproc), give "
@@ -58,7 +74,7 @@ def init_distributed(parallel_cfg) -> None:
     if not dist.is_initialized():
         if "RANK" not in os.environ:  # a plain single-process run
             os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             local_rank = int(os.environ.get("LOCAL_RANK", 0))

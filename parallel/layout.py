@@ -4,7 +4,7 @@ Chunks are numbered in pipeline order c = v·P + p (virtual stage v, pipeline ra
 megatron's interleaved schedule; chunk c holds a contiguous range of layers. Every layer has two
 sublayers. After `done` sublayers the AttnRes state is `1 + done // S` blocks (block 0 is the
 token embedding, block j ≥ 1 the sum of sublayers [(j-1)·S, j·S)) plus a partial sum when
-`done % S != 0` (see attnres_train/model/block.py).
+`done % S != 0` (`state_after`, attnres_train/model/attnres/state.py).
 
 A hop c -> c+1 carries, in this order, the blocks the receiving rank needs but neither received
 nor produced in an earlier chunk of the same micro-batch, then the partial sum when a block spans
@@ -17,7 +17,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional, Sequence
 
-from attnres_train.config.validate import ConfigError
+from attnres_train.errors import ConfigError
+from attnres_train.model.attnres.state import StateShape, effective_block_size, state_after
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,8 @@ class Hop:
 
 @dataclass
 class StageLayout:
+    """Layers per pipeline chunk and, under AttnRes, what every hop carries (`hops[c]`: c -> c+1)."""
+
     pp: int
     vpp: int
     layers: tuple  # layers per chunk, chunk order c = v·pp + p
@@ -55,10 +58,9 @@ class StageLayout:
     def chunks_of_rank(self, rank: int) -> list:
         return [c for c in range(self.num_chunks) if c % self.pp == rank]
 
-    def state_at(self, chunk: int) -> tuple:
-        """(number of blocks, has partial) entering `chunk`."""
-        done = 2 * self.first_layer(chunk)
-        return 1 + done // self.block_size, done % self.block_size != 0
+    def state_at(self, chunk: int) -> StateShape:
+        """The AttnRes state entering `chunk` (chunk = num_chunks: the state after the last chunk)."""
+        return state_after(2 * self.first_layer(chunk), self.block_size)
 
     def owned_before(self, chunk: int) -> set:
         """Blocks the rank of `chunk` holds for this micro-batch before `chunk` runs: those it
@@ -68,14 +70,8 @@ class StageLayout:
             if c >= chunk:
                 break
             held |= set(self.hops[c - 1].blocks) if c > 0 else {0}
-            n_out, _ = self.state_at(c + 1) if c + 1 < self.num_chunks else self._final_state()
-            n_in, _ = self.state_at(c)
-            held |= set(range(n_in, n_out))
+            held |= set(range(self.state_at(c).num_blocks, self.state_at(c + 1).num_blocks))
         return held
-
-    def _final_state(self) -> tuple:
-        done = 2 * sum(self.layers)
-        return 1 + done // self.block_size, done % self.block_size != 0
 
     def tensors_per_hop(self) -> list:
         """Number of [s, b, d] tensors each hop carries (1 for the standard residual)."""
@@ -127,26 +123,101 @@ def build_layout(num_layers: int, pp: int, vpp: int, block_size: Optional[int], 
     return layout
 
 
-# -- the paper's and our closed forms (aligned layouts: N_p completed blocks per chunk) -----------
+# -- payload bytes and closed forms (derivation and the paper's counts: docs/pipeline.md) ---------
+# Aligned layouts: every chunk holds the same number N_p of whole AttnRes blocks, so block
+# boundaries fall on chunk boundaries and no hop carries a partial sum. C = P·V chunks. Per
+# micro-batch forward, in [s, b, d] tensors:
+#   ours, cached (full count)   (P-1) + N_p·P(P-1)/2 + N_p·P(P-1)(V-1)  the embedding reaches each
+#                                                                        other rank once: P-1 hops
+#   naive (full count)          (C-1) + N_p·C(C-1)/2                    every hop re-sends all blocks
+#   paper Eq. 7 (naive)         N_p·C(C-1)/2                            non-embedding blocks only,
+#   paper Eq. 8 (cached)        N_p·P(P-1)/2 + N_p·(V-1)·P²             as the paper counts
 def expected_aligned(P: int, V: int, Np: int) -> int:
-    """Ours: (P-1) + Np·P(P-1)/2 + Np·P(P-1)(V-1) tensors per micro-batch forward."""
+    """Ours, full count (embedding hops included): (P-1) + Np·P(P-1)/2 + Np·P(P-1)(V-1)."""
     return (P - 1) + Np * P * (P - 1) // 2 + Np * P * (P - 1) * (V - 1)
 
 
-def paper_eq8(P: int, V: int, Np: int) -> int:
-    """The paper's cached scheme: Np·P(P-1)/2 + Np·(V-1)·P²."""
-    return Np * P * (P - 1) // 2 + Np * (V - 1) * P * P
+def naive_full(P: int, V: int, Np: int) -> int:
+    """The naive scheme (parallel.attnres_cache=false), full count: paper Eq. 7 + the embedding
+    on each of the C-1 hops."""
+    return paper_eq7(P, V, Np) + (P * V - 1)
 
 
 def paper_eq7(P: int, V: int, Np: int) -> int:
-    """The naive scheme: Np·C(C-1)/2 with C = P·V chunks, plus the embedding on C-1 hops."""
+    """The paper's Eq. 7 (naive scheme, non-embedding blocks): Np·C(C-1)/2, C = P·V chunks."""
     C = P * V
-    return Np * C * (C - 1) // 2 + (C - 1)
+    return Np * C * (C - 1) // 2
+
+
+def paper_eq8(P: int, V: int, Np: int) -> int:
+    """The paper's Eq. 8 (cached scheme, non-embedding blocks): Np·P(P-1)/2 + Np·(V-1)·P²."""
+    return Np * P * (P - 1) // 2 + Np * (V - 1) * P * P
+
+
+def aligned_blocks_per_chunk(layers: Sequence[int], block_size: Optional[int]) -> Optional[int]:
+    """N_p when every chunk holds the same number of whole AttnRes blocks, else None (also for the
+    standard residual)."""
+    if block_size is None or len(set(layers)) != 1 or (2 * layers[0]) % block_size:
+        return None
+    return 2 * layers[0] // block_size
+
+
+@dataclass(frozen=True)
+class ClosedForms:
+    """The closed forms above, in tensors per micro-batch forward, for an aligned layout."""
+
+    blocks_per_chunk: int  # N_p
+    expected: int  # what this layout sends, full count: ours cached, or naive with attnres_cache=false
+    naive_full: int
+    eq7: int  # the paper's, non-embedding blocks
+    eq8: int
+
+
+def closed_forms(pp: int, vpp: int, layers: Sequence[int], block_size: Optional[int], *,
+                 cache: bool = True) -> Optional[ClosedForms]:
+    """ClosedForms of an AttnRes layout with pp > 1 whose block boundaries fall on chunk
+    boundaries; None otherwise."""
+    Np = aligned_blocks_per_chunk(layers, block_size)
+    if Np is None or pp == 1:
+        return None
+    return ClosedForms(Np, expected_aligned(pp, vpp, Np) if cache else naive_full(pp, vpp, Np),
+                       naive_full(pp, vpp, Np), paper_eq7(pp, vpp, Np), paper_eq8(pp, vpp, Np))
+
+
+@dataclass(frozen=True)
+class HopBytes:
+    """A layout's pipeline payload per micro-batch forward (the backward sends the same again).
+
+    tensor_bytes: one [s, b, d] tensor, the whole sequence (all TP ranks together); under sequence
+    parallelism each TP rank sends 1/tp of it."""
+
+    tensor_bytes: int
+    tp: int
+    tensors: tuple  # per hop c -> c+1
+    closed: Optional[ClosedForms]
+
+    @property
+    def bytes(self) -> tuple:
+        return tuple(n * self.tensor_bytes for n in self.tensors)
+
+    @property
+    def bytes_per_tp_rank(self) -> tuple:
+        return tuple(n * self.tensor_bytes // self.tp for n in self.tensors)
+
+    def closed_bytes(self, name: str) -> Optional[int]:
+        """A closed form ("expected", "naive_full", "eq7", "eq8") in bytes; None if not aligned."""
+        return None if self.closed is None else getattr(self.closed, name) * self.tensor_bytes
+
+
+def hop_bytes(layout: StageLayout, *, seq: int, micro_batch: int, hidden: int, elem_bytes: int,
+              tp: int = 1) -> HopBytes:
+    """Per-hop tensors and bytes of `layout` for [seq, micro_batch, hidden] tensors of
+    `elem_bytes`, with its closed forms when aligned."""
+    return HopBytes(seq * micro_batch * hidden * elem_bytes, tp, tuple(layout.tensors_per_hop()),
+                    closed_forms(layout.pp, layout.vpp, layout.layers, layout.block_size, cache=layout.cache))
 
 
 def layout_for(model_cfg, parallel_cfg) -> StageLayout:
     """The layout a run with these configs uses (even split unless parallel.layers_per_stage)."""
-    from attnres_train.config.validate import effective_block_size
-
     return build_layout(model_cfg.num_layers, parallel_cfg.pp, parallel_cfg.vpp, effective_block_size(model_cfg),
                         cache=parallel_cfg.attnres_cache, layers_per_stage=parallel_cfg.layers_per_stage)

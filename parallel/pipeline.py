@@ -1,18 +1,24 @@
 """Pipeline-parallel training of one rank's model chunks with AttnRes payloads and the block cache.
 
 `Pipeline.run(batches)` drives megatron's 1F1B (vpp=1) or interleaved 1F1B (vpp>1) schedule over
-this rank's chunks. Chunk inputs/outputs are assembled from and packed into payloads here; the
-model only exposes its decoder's `input_state` / `output_state` (attnres_train/model/block.py).
+this rank's chunks. Under AttnRes every chunk's decoder gets a `ChunkIO` (parallel/payload.py)
+through `set_stage_io`: a non-first chunk turns the tensor megatron received into its input state
+with it, a non-last chunk returns the payload it packs, which megatron sends as the chunk's output
+(attnres_train/model/block.py). `forward_step` names the micro-batch around each chunk forward.
+The standard residual is megatron's own hand-over: one hidden state per hop.
 """
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from functools import partial
 
 import torch
+from megatron.core import parallel_state as ps
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from parallel.layout import StageLayout
-from parallel.payload import BlockCache
+from parallel.payload import BlockCache, ChunkIO
 from parallel.schedule import StaticShapeCommunicator, process_groups
 
 
@@ -31,7 +37,7 @@ def unwrap(module):
 
 
 def configure_pipeline(config) -> None:
-    """p2p settings that are safe on every backend (measured on gloo: pp_payload_mcore.md §4).
+    """p2p settings that are safe on every backend (why: docs/pipeline.md#p2p-settings-configure_pipeline).
 
     batch_p2p_comm posts sends and receives to the same peer in one batch, which gloo matches in
     FIFO order and silently swaps under virtual stages; overlap_p2p_comm together with
@@ -43,9 +49,9 @@ def configure_pipeline(config) -> None:
 
 
 class Pipeline:
-    def __init__(self, chunks: list, layout: StageLayout, *, seq_length: int, micro_batch_size: int):
-        from megatron.core import parallel_state as ps
+    """This rank's model chunks under megatron's schedule, with the AttnRes hand-over between them."""
 
+    def __init__(self, chunks: list, layout: StageLayout, *, seq_length: int, micro_batch_size: int):
         self.chunks = chunks
         self.layout = layout
         self.seq_length, self.micro_batch_size = seq_length, micro_batch_size
@@ -53,6 +59,8 @@ class Pipeline:
         self.chunk_ids = [v * layout.pp + self.rank for v in range(layout.vpp)]
         self.last = layout.num_chunks - 1
         self.cache = BlockCache(layout, self.rank) if layout.block_size is not None else None
+        # one StageIO per chunk of this rank (AttnRes only), handed to its decoder below
+        self.chunk_io = {c: ChunkIO(self.cache, c) for c in self.chunk_ids} if self.cache is not None else {}
         config = unwrap(chunks[0]).config
         configure_pipeline(config)
         # under sequence parallelism every hop tensor holds this TP rank's slice of the sequence
@@ -60,29 +68,24 @@ class Pipeline:
         self.comm = StaticShapeCommunicator(ps.get_pipeline_model_parallel_group(), config, layout,
                                             seq_length=local_seq, micro_batch_size=micro_batch_size)
         self.groups = process_groups()
-        if self.cache is not None:
-            for c, chunk in zip(self.chunk_ids, chunks):
-                unwrap(chunk).decoder.export_state = c < self.last
+        for c, chunk in zip(self.chunk_ids, chunks):
+            if c in self.chunk_io:
+                unwrap(chunk).decoder.set_stage_io(self.chunk_io[c])
 
     def forward_step(self, data_iterator, model):
+        """megatron's forward_step_func: the chunk's output is the loss (last chunk) or the payload
+        megatron sends on (every other chunk)."""
         chunk, mb, batch = next(data_iterator)
-        gpt = unwrap(model)
-        if self.cache is not None and chunk > 0:
-            gpt.decoder.input_state = self.cache.input_state(chunk, mb, gpt.decoder.input_tensor)
         first, last = chunk == 0, chunk == self.last
-        out = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
-                    labels=batch["labels"] if last else None)
-        if self.cache is not None:
-            if not last:
-                out = self.cache.output_payload(chunk, mb, gpt.decoder.output_state)
-            self.cache.finish_forward(chunk, mb)
+        io = self.chunk_io.get(chunk)  # None: the standard residual, megatron's own hand-over
+        with io.micro_batch(mb) if io is not None else nullcontext():
+            out = model(batch["tokens"] if first else None, batch["position_ids"] if first else None, None,
+                        labels=batch["labels"] if last else None)
         return out, partial(_loss_func, batch["loss_mask"])
 
     def run(self, batches: list, *, forward_only: bool = False) -> list:
         """One schedule call over `batches` (this rank's micro-batches). Returns the per-micro-batch
         loss dicts on the last stage, [] elsewhere."""
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         M = len(batches)
         iters = [iter([(c, m, batches[m]) for m in range(M)]) for c in self.chunk_ids]
         if self.cache is not None:

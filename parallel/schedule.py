@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import copy
 from collections import deque
-from typing import Optional
 
-import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 from megatron.core.pipeline_parallel.schedules import get_schedule_table
+from megatron.core.process_groups_config import ProcessGroupCollection
 
 from parallel.layout import StageLayout
 
@@ -80,11 +80,8 @@ class StaticShapeCommunicator(P2PCommunicator):
                                f"{len(self.bwd_shapes)} backward receives were planned but not made")
 
 
-def process_groups():
+def process_groups() -> ProcessGroupCollection:
     """The ProcessGroupCollection the schedules want when a communicator is passed in."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.process_groups_config import ProcessGroupCollection
-
     pgs = ProcessGroupCollection()
     pgs.tp = ps.get_tensor_model_parallel_group()
     pgs.cp = ps.get_context_parallel_group()

@@ -2,23 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import socket
-
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
-
 import pytest
 import torch
 
-from attnres_train import cpu_compat
+from attnres_train import cpu_compat  # (its package import sets the CPU environment)
+from parallel.groups import free_port
 
 cpu_compat.apply()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,7 @@ from omegaconf import OmegaConf
 
 from attnres_train.config.schema import ModelConfig
 
-CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+CONFIGS = Path(__file__).resolve().parent.parent / "attnres_train" / "configs"
 
 
 def model_cfg(name: str, **overrides) -> ModelConfig:

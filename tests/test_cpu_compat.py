@@ -63,7 +63,7 @@ def _gather_probe(mode):
     import sys
     from pathlib import Path
 
-    from tests.conftest import free_port
+    from parallel.groups import free_port
 
     root = Path(__file__).resolve().parents[1]
     env = dict(os.environ, OMP_NUM_THREADS="2", PYTHONPATH=str(root), TORCHDYNAMO_DISABLE="1")

@@ -9,7 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from parallel.layout import build_layout, expected_aligned, paper_eq7, paper_eq8
+from parallel.layout import build_layout, expected_aligned, naive_full, paper_eq7, paper_eq8
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -83,6 +83,7 @@ def test_48b_pp4_vpp2_ep8(tmp_path):
     assert plan["tensor_bytes"] == 4096 * 8 * 2304 * 2  # seq x micro-batch x d x bf16
     assert plan["microbatches_per_step"] == 4  # 32 / (8 x dp=1)
     assert plan["bytes_eq7"] is None and plan["bytes_eq8"] is None and plan["bytes_expected"] is None
+    assert plan["bytes_naive_full"] is None and plan["pipeline"]["aligned_blocks_per_chunk"] is None
     # the table: one row per chunk, first and last rows carry embedding / head
     assert "   0   0     0     0-2    KKK    DEE    4,198,987,232" in out
     assert "+head" in out and "chunk 6 -> 7 (rank 2 -> 3)" in out and "dp=1 (assumed 1" in out
@@ -100,18 +101,25 @@ def test_tiny_aligned_closed_forms_and_world_size(tmp_path):
     assert plan["pipeline"]["aligned_blocks_per_chunk"] == 1
     assert plan["bytes_per_microbatch"] == expected_aligned(2, 2, 1) * tb == 4 * tb
     assert plan["bytes_expected"] == plan["bytes_per_microbatch"]
+    # the paper's Eq. 8 / Eq. 7 count non-embedding blocks only; the naive full count adds C-1 = 3
     assert plan["bytes_eq8"] == paper_eq8(2, 2, 1) * tb == 5 * tb
-    assert plan["bytes_eq7"] == paper_eq7(2, 2, 1) * tb == 9 * tb
+    assert plan["bytes_eq7"] == paper_eq7(2, 2, 1) * tb == 6 * tb
+    assert plan["bytes_naive_full"] == naive_full(2, 2, 1) * tb == 9 * tb
     # ep = tp = 1: every GPU holds its chunks whole
     assert sum(st["params_per_gpu"] for st in plan["stages"]) == plan["params_total"]
-    assert "expected 4 tensors" in out and "paper Eq.8 5 tensors" in out and "Eq.7 9 tensors" in out
+    assert "this layout (full count: embedding + partial): 4 tensors" in out
+    assert "paper Eq. 8 (cached, non-embedding blocks): 5 tensors" in out
+    assert "paper Eq. 7 (naive, non-embedding blocks): 6 tensors" in out
+    assert "naive full count (Eq. 7 + embedding hops): 9 tensors" in out
 
 
-def test_tiny_naive_scheme_is_eq7(tmp_path):
+def test_tiny_naive_scheme_is_the_naive_full_count(tmp_path):
     plan, _ = dry_run(tmp_path, "parallel.pp=2", "parallel.vpp=2", "parallel.attnres_cache=false")
     layout = build_layout(4, 2, 2, 2, cache=False)
     check_common(plan, layout, 4)
-    assert plan["bytes_per_microbatch"] == plan["bytes_expected"] == plan["bytes_eq7"]
+    tb = plan["tensor_bytes"]
+    assert plan["bytes_per_microbatch"] == plan["bytes_expected"] == plan["bytes_naive_full"] == 9 * tb
+    assert plan["bytes_eq7"] == 6 * tb  # the paper's count leaves out the embedding's 3 hops
 
 
 def test_standard_residual_one_hidden_state_per_hop(tmp_path):
@@ -121,7 +129,7 @@ def test_standard_residual_one_hidden_state_per_hop(tmp_path):
     assert plan["tensor_bytes"] == 64 * 8 * 128 * 4  # fp32
     assert [h["tensors"] for h in plan["hops"]] == [1, 1, 1]
     assert all(h["hidden"] and h["blocks"] == [] and not h["partial"] for h in plan["hops"])
-    assert plan["bytes_eq7"] is None and plan["bytes_eq8"] is None
+    assert plan["bytes_eq7"] is None and plan["bytes_eq8"] is None and plan["bytes_naive_full"] is None
     assert all(r["attnres_block_bytes"] == 0 for r in plan["ranks"])
     # 1F1B: rank p holds pp - p micro-batches at its peak
     assert [r["microbatches_in_flight"] for r in plan["ranks"]] == [4, 3, 2, 1]

@@ -1,7 +1,11 @@
-"""Config dataclasses. Hydra fills them from `configs/` and command-line overrides.
+"""Config dataclasses. Hydra fills them from `attnres_train/configs/` and command-line overrides.
 
-Each group is stored in hydra's ConfigStore as `base_<group>`; the YAML files under `configs/<group>/`
-extend it through their defaults list, so an unknown key is an error (struct mode).
+Each group is stored in hydra's ConfigStore as `base_<group>`; the YAML files under
+`configs/<group>/` extend it through their defaults list, so an unknown key is an error (struct
+mode), and a field typed with an enum of attnres_train.choices refuses any other value.
+
+The defaults here are THE defaults: a YAML file holds only what differs from them. ModelConfig's
+defaults are the tiny model (`model=tiny`, the CPU tests and `make train`).
 """
 
 from __future__ import annotations
@@ -9,7 +13,19 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-RESIDUAL_MODES = ("standard", "full", "block")
+from attnres_train.choices import (
+    AttnResImpl,
+    AttnResKernel,
+    DType,
+    KDAImpl,
+    LinearBackend,
+    LRSchedule,
+    Recompute,
+    RecomputeModule,
+    Residual,
+    ScoreFunction,
+    WandbMode,
+)
 
 
 @dataclass
@@ -17,18 +33,19 @@ class AttnResConfig:
     # Sublayers per block (each attention and each FFN is one sublayer); the last block may be
     # shorter. Ignored for residual=standard; residual=full means block_size=1.
     block_size: int = 2
-    # "two_phase": batched inter-block pass + online-softmax merge (default, exact).
-    # "naive": one softmax over all sources per sublayer (reference).
-    impl: str = "two_phase"
+    impl: AttnResImpl = AttnResImpl.two_phase
+    # The two-phase op's kernels; auto: Triton for CUDA tensors when installed and its self-check
+    # passes, else torch. The environment variable ATTNRES_KERNEL, when set, overrides it.
+    kernel: AttnResKernel = AttnResKernel.auto
 
 
 @dataclass
 class KDAConfig:
     num_heads: int = 2
-    head_dim: Optional[int] = None  # None: hidden_size // num_heads (must divide)
+    head_dim: Optional[int] = 32  # None: hidden_size // num_heads (must divide)
     conv_kernel: int = 4
-    chunk_size: int = 64
-    impl: str = "auto"  # auto (fla on CUDA when installed, else chunk) | chunk | recurrent | fla
+    chunk_size: int = 16  # fla's kernel needs 32 or 64 (impl=auto falls back to chunk otherwise)
+    impl: KDAImpl = KDAImpl.auto
 
 
 @dataclass
@@ -50,7 +67,7 @@ class MoEConfig:
     first_k_dense: int = 1  # leading layers with a dense FFN
     dense_ffn_hidden_size: int = 320
     routed_scaling_factor: float = 1.0
-    score_function: str = "sigmoid"
+    score_function: ScoreFunction = ScoreFunction.sigmoid
     # Aux-loss-free balancing: the selection-only expert bias moves by this much per step.
     bias_update_rate: float = 1e-3
     aux_loss_coeff: float = 0.0
@@ -58,8 +75,10 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
+    """The defaults are the tiny model: 4 layers, d=128, 8 sublayers in 4 blocks + the embedding."""
+
     name: str = "tiny"
-    residual: str = "block"  # standard | full | block
+    residual: Residual = Residual.block
     attnres: AttnResConfig = field(default_factory=AttnResConfig)
     num_layers: int = 4
     # One letter per layer: K = KDA, M = NoPE MLA. Kimi's released pattern is [KKKM]x6 + KKM.
@@ -72,6 +91,10 @@ class ModelConfig:
     kda: KDAConfig = field(default_factory=KDAConfig)
     mla: MLAConfig = field(default_factory=MLAConfig)
     moe: MoEConfig = field(default_factory=MoEConfig)
+    # Linears, norms and core attention: te (transformer-engine), local (megatron's own layers),
+    # auto (te with CUDA and an importable transformer-engine, else local). The environment
+    # variable ATTNRES_LINEAR, when set, overrides it. Same parameter names and shapes either way.
+    linear: LinearBackend = LinearBackend.auto
 
 
 @dataclass
@@ -87,11 +110,11 @@ class ParallelConfig:
     # stage 1, ...); pp*vpp numbers summing to model.num_layers. Default: an even split. Use it
     # to give the first stage (embedding) and the last (LM head) fewer layers.
     layers_per_stage: Optional[List[int]] = None
-    # Activation recomputation: none | selective (the modules in recompute_modules, megatron's
-    # names: core_attn, mla_up_proj, layernorm, mlp, moe, shared_experts) | full (whole
-    # layers, recompute_num_layers at a time; the AttnRes block state enters each group as inputs).
-    recompute: str = "none"
-    recompute_modules: List[str] = field(default_factory=lambda: ["core_attn"])
+    # Activation recomputation: selective recomputes the modules in recompute_modules; full
+    # whole layers, recompute_num_layers at a time (the AttnRes block state enters each group as
+    # inputs).
+    recompute: Recompute = Recompute.none
+    recompute_modules: List[RecomputeModule] = field(default_factory=lambda: [RecomputeModule.core_attn])
     recompute_num_layers: int = 1
 
 
@@ -113,10 +136,13 @@ class TrainConfig:
     seed: int = 1234
     # Build the model on the meta device, print the parameter table, write plan.json, exit.
     dry_run: bool = False
-    steps: int = 100
+    # The world size the dry run plans for (data parallel = world / (tp * pp)); None: $WORLD_SIZE,
+    # else 1. The environment variable ATTNRES_PLAN_WORLD_SIZE, when set, overrides it.
+    dry_run_world_size: Optional[int] = None
+    steps: int = 600
     micro_batch_size: int = 8
     global_batch_size: int = 32  # = micro_batch_size x data-parallel size x accumulation steps
-    dtype: str = "auto"  # auto: bf16 on CUDA, fp32 on CPU | fp32 | bf16
+    dtype: DType = DType.auto
     # Initialise every rank's model chunks with the weights the unsplit model gets from train.seed
     # (builds the whole model once per rank and reshards it through a distributed checkpoint under
     # the run dir): runs with different TP/PP/VPP/EP layouts start identical. For comparing layouts
@@ -126,7 +152,7 @@ class TrainConfig:
     lr: float = 3e-3
     min_lr: float = 3e-4
     warmup_steps: int = 50
-    lr_schedule: str = "cosine"  # cosine | wsd | constant
+    lr_schedule: LRSchedule = LRSchedule.cosine
     wsd_decay_fraction: float = 0.2  # wsd: the final fraction of steps that decays
     weight_decay: float = 0.1
     adam_beta1: float = 0.9
@@ -143,7 +169,7 @@ class TrainConfig:
 @dataclass
 class WandbConfig:
     enabled: bool = True
-    mode: str = "offline"  # offline | online | disabled
+    mode: WandbMode = WandbMode.offline
     project: str = "attnres-train"
     entity: Optional[str] = None
 
@@ -154,6 +180,9 @@ class LoggingConfig:
     diag_interval: int = 50  # AttnRes/residual diagnostics (0: off)
     tensorboard: bool = True
     wandb: WandbConfig = field(default_factory=WandbConfig)
+    # The device's peak FLOP/s for the MFU estimate; None: a table of GPUs, measured on CPU. The
+    # environment variable ATTNRES_PEAK_FLOPS, when set, overrides it.
+    peak_flops: Optional[float] = None
 
 
 @dataclass
@@ -166,6 +195,8 @@ class Config:
 
 
 def register_configs() -> None:
+    """Store the schema in hydra's ConfigStore (idempotent), before hydra composes."""
+    # hydra is imported here, not at the top: the model code imports this package for its enums
     from hydra.core.config_store import ConfigStore
 
     cs = ConfigStore.instance()

@@ -1,36 +1,19 @@
-"""Config validation: runs before anything heavy and raises ConfigError naming key, value and fix."""
+"""Config validation: runs before anything heavy and raises ConfigError naming key, value and fix.
+
+What the schema can say by itself it says there: types, and the allowed values of each choice
+(the enums of attnres_train.choices), which omegaconf enforces while composing. This module
+checks what relates several values (a block size against the layer count, heads against tp, ...).
+"""
 
 from __future__ import annotations
 
-from typing import Any
-
-from attnres_train.config.schema import RESIDUAL_MODES
-
-ATTNRES_IMPLS = ("two_phase", "naive")
-KDA_IMPLS = ("auto", "chunk", "recurrent", "fla")
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration mistake: `key` is the dotted config path."""
-
-    def __init__(self, key: str, value: Any, fix: str):
-        self.key, self.value, self.fix = key, value, fix
-        super().__init__(f"{key}={value!r}: {fix}")
-
-
-def num_sublayers(model) -> int:
-    """Every layer has two sublayers: its attention (KDA or MLA) and its FFN (dense or MoE)."""
-    return 2 * model.num_layers
-
-
-def effective_block_size(model) -> int | None:
-    """Sublayers per AttnRes block: None for the standard residual, 1 for Full AttnRes."""
-    return {"standard": None, "full": 1}.get(model.residual, model.attnres.block_size)
+from attnres_train.choices import RecomputeModule
+from attnres_train.errors import ConfigError
+from attnres_train.model.attnres.state import num_sublayers
+from parallel.layout import split_layers
 
 
 def validate_model(model, tp: int = 1, ep: int = 1) -> None:
-    if model.residual not in RESIDUAL_MODES:
-        raise ConfigError("model.residual", model.residual, f"use one of {', '.join(RESIDUAL_MODES)}")
     if model.num_layers < 1:
         raise ConfigError("model.num_layers", model.num_layers, "need at least one layer")
     pattern = model.layer_pattern
@@ -49,10 +32,6 @@ def validate_model(model, tp: int = 1, ep: int = 1) -> None:
                 f"block size counts sublayers (attention and FFN each count one): choose 1..{sublayers} "
                 f"for {model.num_layers} layers ({sublayers} sublayers); 1 is Full AttnRes",
             )
-    if model.attnres.impl not in ATTNRES_IMPLS:
-        raise ConfigError("model.attnres.impl", model.attnres.impl, f"use one of {', '.join(ATTNRES_IMPLS)}")
-    if model.kda.impl not in KDA_IMPLS:
-        raise ConfigError("model.kda.impl", model.kda.impl, f"use one of {', '.join(KDA_IMPLS)}")
     if "K" in pattern:
         if model.kda.head_dim is None and model.hidden_size % model.kda.num_heads:
             raise ConfigError(
@@ -74,8 +53,6 @@ def validate_model(model, tp: int = 1, ep: int = 1) -> None:
             raise ConfigError("model.moe.top_k", moe.top_k, f"choose 1..model.moe.num_experts={moe.num_experts}")
         if moe.num_experts % ep:
             raise ConfigError("model.moe.num_experts", moe.num_experts, f"must be divisible by parallel.ep={ep}")
-        if moe.score_function not in ("sigmoid", "softmax"):
-            raise ConfigError("model.moe.score_function", moe.score_function, "use sigmoid or softmax")
 
 
 def validate_vocab(model_vocab: int, tokenizer_vocab: int) -> None:
@@ -92,27 +69,29 @@ def validate_config(cfg) -> None:
             raise ConfigError(f"parallel.{key}", getattr(cfg.parallel, key), "must be >= 1")
     validate_model(cfg.model, tp=cfg.parallel.tp, ep=cfg.parallel.ep)
     validate_recompute(cfg.parallel, cfg.model.num_layers)
-    from parallel.layout import split_layers
-
     split_layers(cfg.model.num_layers, cfg.parallel.pp, cfg.parallel.vpp, cfg.parallel.layers_per_stage)
-
-
-RECOMPUTE_MODES = ("none", "selective", "full")
-# (megatron's moe_act needs grouped-GEMM experts, which this model does not use)
-RECOMPUTE_MODULES = ("core_attn", "mla_up_proj", "layernorm", "mlp", "moe", "shared_experts")
+    validate_environment_keys(cfg)
 
 
 def validate_recompute(parallel, num_layers: int) -> None:
-    if parallel.recompute not in RECOMPUTE_MODES:
-        raise ConfigError("parallel.recompute", parallel.recompute, f"use one of {', '.join(RECOMPUTE_MODES)}")
-    if parallel.recompute == "selective":
-        bad = [m for m in parallel.recompute_modules if m not in RECOMPUTE_MODULES]
-        if bad or not parallel.recompute_modules:
-            raise ConfigError("parallel.recompute_modules", list(parallel.recompute_modules),
-                              f"choose from {', '.join(RECOMPUTE_MODULES)} (e.g. [core_attn,layernorm])")
+    if parallel.recompute == "selective" and not parallel.recompute_modules:
+        raise ConfigError("parallel.recompute_modules", [],
+                          f"selective recompute needs modules: choose from {', '.join(RecomputeModule.values())} "
+                          "(e.g. [core_attn,layernorm])")
     if parallel.recompute == "full" and not 1 <= parallel.recompute_num_layers <= num_layers:
         raise ConfigError("parallel.recompute_num_layers", parallel.recompute_num_layers,
                           f"layers recomputed as one group: choose 1..model.num_layers={num_layers}")
+
+
+def validate_environment_keys(cfg) -> None:
+    """The keys that stand in for what the machine or the launch says (null: ask them)."""
+    if cfg.logging.peak_flops is not None and not cfg.logging.peak_flops > 0:
+        raise ConfigError("logging.peak_flops", cfg.logging.peak_flops,
+                          "the device's peak FLOP/s must be > 0 (e.g. 989e12 for an H100 in bf16), or null")
+    world, tp_pp = cfg.train.dry_run_world_size, cfg.parallel.tp * cfg.parallel.pp
+    if world is not None and (world < 1 or world % tp_pp):
+        raise ConfigError("train.dry_run_world_size", world,
+                          f"plan for a positive multiple of parallel.tp*parallel.pp={tp_pp} processes, or null")
 
 
 def _default_pattern(num_layers: int) -> str:

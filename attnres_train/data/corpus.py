@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Tuple
 
-from attnres_train.config.validate import ConfigError
+from attnres_train.errors import ConfigError
 
 DEFAULT_CORPUS_PATH = Path(__file__).resolve().parent / "corpora" / "tinyshakespeare.txt"
 DEFAULT_CORPUS_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"

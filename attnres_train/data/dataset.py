@@ -10,7 +10,7 @@
    the line cut is exact) and ``BlendedMegatronDatasetBuilder(GPTDataset, ...).build()``, whose
    sample indices are cached under ``<cache_dir>/samples/<key>``, key = sha256 over (the prefixes
    and their .idx contents, tokenizer sha256, seq_length, dataset flags): megatron's own md5 does
-   not cover file contents or all flags (data_mcore.md §5).
+   not cover file contents or all flags (docs/data.md#cache-keys-datasetpy).
 """
 
 from __future__ import annotations
@@ -24,16 +24,23 @@ import os
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from attnres_train.config.validate import ConfigError
 from attnres_train.data.corpus import (
-    JSONL_SUFFIXES, TEXT_SUFFIXES, TextSource, _check_fraction, default_corpus, file_sha256, text_source,
+    JSONL_SUFFIXES,
+    TEXT_SUFFIXES,
+    TextSource,
+    _check_fraction,
+    default_corpus,
+    file_sha256,
+    text_source,
 )
 from attnres_train.data.indexed import Prefix, build_indexed, check_prefix, check_prefix_files
 from attnres_train.data.tokenizer import BPETokenizer, load_or_train
+from attnres_train.errors import ConfigError
+from parallel.groups import global_rank, is_distributed
 
 SAMPLES_CACHE_VERSION = 1
 
@@ -53,17 +60,9 @@ BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 # ------------------------------------------------------------------------------------------------
 # distributed helpers
 # ------------------------------------------------------------------------------------------------
-def _dist() -> bool:
-    return torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _rank() -> int:
-    return torch.distributed.get_rank() if _dist() else 0
-
-
 def log0(msg: str) -> None:
     """One-line progress message, printed on rank 0 only."""
-    if _rank() == 0:
+    if global_rank() == 0:
         print(f"[data] {msg}", flush=True)
 
 
@@ -73,7 +72,7 @@ def _rank0_first(fn: Callable[[Callable], object]):
     Without torch.distributed this is just ``fn(log0)``. If rank 0 fails, it raises and exits, and
     torchrun stops the other ranks waiting at the barrier.
     """
-    if not _dist() or torch.distributed.get_world_size() == 1:
+    if not is_distributed() or torch.distributed.get_world_size() == 1:
         return fn(log0)
     if torch.distributed.get_rank() == 0:
         out = fn(log0)
@@ -220,7 +219,7 @@ def _samples_cache_dir(root: Path, prep: PreparedData, seq_length: int) -> Path:
     }
     key = hashlib.sha256(json.dumps(desc, sort_keys=True).encode()).hexdigest()
     folder = root / "samples" / key[:32]
-    if _rank() == 0:
+    if global_rank() == 0:
         folder.mkdir(parents=True, exist_ok=True)
         info = folder / "key.json"
         if not info.is_file():
@@ -248,11 +247,11 @@ def _builder_class():
     class _Builder(BlendedMegatronDatasetBuilder):
         """Megatron's builder, except that a blend built without torch.distributed skips the blend
         index cache: BlendedDataset calls ``torch.distributed.get_rank()`` unguarded when it has a
-        ``path_to_cache`` (data_mcore.md §1). Its indices are cheap to rebuild."""
+        ``path_to_cache`` (docs/data.md). Its indices are cheap to rebuild."""
 
         @staticmethod
         def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
-            if cls is BlendedDataset and not _dist():
+            if cls is BlendedDataset and not is_distributed():
                 datasets, weights, size, config = args
                 config = copy.copy(config)
                 config.path_to_cache = None

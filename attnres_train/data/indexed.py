@@ -25,9 +25,9 @@ from typing import Optional
 
 import numpy
 
-from attnres_train.config.validate import ConfigError
 from attnres_train.data.corpus import no_documents_error
 from attnres_train.data.tokenizer import ENCODE_CHUNK
+from attnres_train.errors import ConfigError
 
 INDEXED_CACHE_VERSION = 1
 PROGRESS_MIN_BYTES = 4 << 20  # show a progress bar for sources at least this large
@@ -172,7 +172,7 @@ def check_prefix_files(prefix: str, key: str) -> str:
 
 
 def check_prefix(prefix: str, role: str, key: str, vocab_size: Optional[int] = None) -> Prefix:
-    """Check a prebuilt prefix before megatron opens it (its own errors are unclear; data_mcore.md §8)."""
+    """Check a prebuilt prefix before megatron opens it (its own errors are unclear: docs/data.md)."""
     p = check_prefix_files(prefix, key)
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 

@@ -22,8 +22,8 @@ import time
 from pathlib import Path
 from typing import Iterable, List, Optional, Sequence, Tuple
 
-from attnres_train.config.validate import ConfigError
 from attnres_train.data.corpus import no_documents_error
+from attnres_train.errors import ConfigError
 
 EOD_TOKEN = "<|endoftext|>"
 # Fallbacks for a user tokenizer without <|endoftext|>, in order of preference (special tokens only).

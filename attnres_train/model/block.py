@@ -1,20 +1,26 @@
-"""The decoder block for AttnRes: carries (block summaries, partial sum) between sublayers.
+"""The decoder block for AttnRes: carries the BlockState (block sums, partial sum) between sublayers.
 
-State convention (B = batch, S = sequence, D = hidden; megatron tensors are [S, B, D]):
-after `done` sublayers, `blocks` = [b_0 = embedding, b_1, ..., b_{done // bs}] (completed block
-sums) and `partial` = the running sum of the current block, or None when `done % bs == 0`.
-A block's partial becomes a completed block right after its last sublayer.
+The state and the rule that sizes it live in attnres_train/model/attnres/state.py: after `done`
+sublayers, `blocks` = [b_0 = embedding, b_1, ..., b_{done // S}] and `partial` = the running sum of
+the current block, or None when `done % S == 0` (megatron tensors are [S, B, D]).
 
 Per AttnRes block the two-phase schedule runs once: phase 1 mixes all of the block's pseudo-queries
 over the completed blocks in one batched pass (fp32 running max / sum-exp); each sublayer then
 merges its intra-block partial sum with an online-softmax step (exact). When a block starts in an
 earlier pipeline stage, phase 1 covers the block's sublayers that live in this stage.
+
+Pipeline hand-over: megatron passes one tensor between stages. A chunk of a split model gets a
+`StageIO` through `set_stage_io` (next to megatron's `set_input_tensor`); forward then reads
+
+    first chunk:      state = BlockState([embedding])
+    other chunks:     state = stage_io.receive(self.input_tensor)   (the tensor megatron received)
+    non-last chunks:  return stage_io.send(state)                   (the tensor megatron sends)
+    last chunk:       return final_layernorm(final AttnRes aggregate of the state)
 """
 
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -23,24 +29,10 @@ from megatron.core.transformer.transformer_block import TransformerBlock
 from megatron.core.utils import make_viewless_tensor
 from torch import Tensor
 
+from attnres_train.choices import AttnResImpl
 from attnres_train.model.attnres import attnres_merge_auto, attnres_naive, attnres_phase1_auto
+from attnres_train.model.attnres.state import BlockState, StageIO, state_after
 from attnres_train.model.sublayer import DepthQuery
-
-
-@dataclass
-class BlockState:
-    """blocks: [b_0, completed block sums...], each [S, B, D]; partial: [S, B, D] or None."""
-
-    blocks: list
-    partial: Optional[Tensor] = None
-
-    def sources(self) -> list:
-        return self.blocks + ([self.partial] if self.partial is not None else [])
-
-
-def state_layout(done: int, block_size: int) -> tuple[int, bool]:
-    """(number of blocks incl. the embedding, whether a partial sum exists) after `done` sublayers."""
-    return 1 + done // block_size, done % block_size != 0
 
 
 class AttnResTransformerBlock(TransformerBlock):
@@ -48,46 +40,51 @@ class AttnResTransformerBlock(TransformerBlock):
 
     Layers must be `AttnResTransformerLayer`s. On the stage with the final norm, one more
     AttnRes aggregate over all sources (`final_res`) feeds the final RMSNorm and the LM head.
-    Between pipeline stages the state is handed over as a BlockState (`input_state` /
-    `output_state`); parallel/ turns it into per-hop payloads.
+    A chunk of a split model receives and hands over its state through the `StageIO` given to
+    `set_stage_io` (parallel.Pipeline gives one per chunk); see the module docstring.
     """
 
-    def __init__(self, config, spec, *, block_size: int, impl: str = "two_phase", **kwargs):
+    def __init__(self, config, spec, *, block_size: int, impl: AttnResImpl | str = AttnResImpl.two_phase,
+                 **kwargs):
         super().__init__(config, spec, **kwargs)
-        if impl not in ("two_phase", "naive"):
-            raise ValueError(f"AttnRes impl {impl!r}: use 'two_phase' or 'naive'")
         self.block_size = block_size
-        self.impl = impl
+        self.impl = AttnResImpl.parse(impl, "AttnRes impl")  # a member compares equal to its string
         self.final_res = DepthQuery(config) if self.final_layernorm is not None else None
         # Optional observer, called as hook(sublayer_index, sources, depth_query) before each mix
         # (index 2·num_layers is the final aggregate); diagnostics use it for depth-weight maps.
         self.mix_observer = None
-        # Pipeline hand-over without packing: a runtime that assembles the input state itself
-        # (from received payloads and its cache) sets `input_state`; with `export_state` the
-        # output state of a non-final chunk is left in `output_state` for it to ship.
-        self.input_state: Optional[BlockState] = None
-        self.export_state = False
-        self.output_state: Optional[BlockState] = None
+        self.stage_io: Optional[StageIO] = None
+
+    # -- pipeline hand-over -------------------------------------------------------------------
+    def set_stage_io(self, stage_io: Optional[StageIO]) -> None:
+        """How this chunk receives its input state (non-first chunk) and hands over its output
+        state (non-last chunk). The payload itself arrives through megatron's set_input_tensor."""
+        self.stage_io = stage_io
+
+    def _require_stage_io(self, what: str) -> StageIO:
+        if self.stage_io is None:
+            raise RuntimeError(f"a {what} pipeline chunk of an AttnRes model exchanges its block state "
+                               "through a StageIO: run it through parallel.Pipeline (or call set_stage_io)")
+        return self.stage_io
 
     # -- forward ------------------------------------------------------------------------------
     def forward(self, hidden_states, attention_mask=None, context=None, context_mask=None,
                 rotary_pos_emb=None, rotary_pos_cos=None, rotary_pos_sin=None,
                 rotary_pos_cos_sin=None, attention_bias=None, inference_context=None,
                 packed_seq_params=None, sequence_len_offset=None, padding_mask=None, **kwargs):
-        """hidden_states: the embedding [S, B, D] on the first stage (else the packed state).
+        """hidden_states: the embedding [S, B, D] on the first stage (ignored elsewhere: the
+        received payload comes through set_input_tensor).
 
-        Returns the final-normed hidden states [S, B, D] on the last stage, else the packed state.
+        Returns the final-normed hidden states [S, B, D] on the last stage, else the payload
+        [k·S, B, D] that `stage_io.send` packed for the next stage.
         """
         if inference_context is not None:
             raise NotImplementedError("AttnRes inference with a KV/state cache is not supported yet")
         if self.pre_process:
             hidden_states = make_viewless_tensor(hidden_states, requires_grad=True, keep_graph=True)
             state = BlockState([hidden_states])
-        elif self.input_state is not None:
-            state, self.input_state = self.input_state, None
         else:
-            raise RuntimeError("a non-first pipeline chunk of an AttnRes model needs its input_state "
-                               "(set by parallel.Pipeline from the received payload and its cache)")
+            state = self._require_stage_io("non-first").receive(self.input_tensor)
         attn_kwargs = dict(
             attention_mask=attention_mask, rotary_pos_emb=rotary_pos_emb,
             rotary_pos_cos=rotary_pos_cos, rotary_pos_sin=rotary_pos_sin,
@@ -98,11 +95,7 @@ class AttnResTransformerBlock(TransformerBlock):
         with rng:
             state = self.run_layers(state, list(self.layers), attn_kwargs, padding_mask)
         if self.final_layernorm is None:
-            if not self.export_state:
-                raise RuntimeError("a non-last pipeline chunk of an AttnRes model hands over its "
-                                   "output_state: run it through parallel.Pipeline")
-            self.output_state = state
-            return state.sources()[-1]  # the runtime ships output_state, not this
+            return self._require_stage_io("non-last").send(state)
         q = self.final_res
         if self.mix_observer is not None:
             self.mix_observer(2 * self.config.num_layers, state.sources(), q)
@@ -157,8 +150,7 @@ class AttnResTransformerBlock(TransformerBlock):
 
         outputs = tensor_parallel.checkpoint(run, False, *state.sources())
         outputs = (outputs,) if isinstance(outputs, Tensor) else tuple(outputs)
-        done = 2 * layers[-1].layer_number
-        num_out, out_partial = state_layout(done, self.block_size)
+        num_out, out_partial = state_after(2 * layers[-1].layer_number, self.block_size)
         new_blocks = list(outputs[:num_out - num_in])
         assert len(new_blocks) + int(out_partial) == len(outputs), (num_in, num_out, len(outputs))
         return BlockState(state.blocks + new_blocks, outputs[-1] if out_partial else None)

@@ -22,7 +22,8 @@ from megatron.core.transformer.transformer_block import (
 from megatron.core.transformer.transformer_config import MLATransformerConfig
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
-from attnres_train.config.validate import effective_block_size, validate_model
+from attnres_train.config.validate import validate_model
+from attnres_train.model.attnres.state import effective_block_size
 from attnres_train.model.block import AttnResTransformerBlock
 from attnres_train.model.specs import block_spec
 

@@ -1,4 +1,4 @@
-"""Layer specs: the only place that knows the [KDA KDA KDA MLA] pattern and the residual switch.
+"""Layer specs: each layer kind (model/structure.py) and the residual switch turned into megatron ModuleSpecs.
 
 One megatron ModuleSpec per layer, as megatron's hybrid specs do. `model.residual` picks the layer
 class and the bias-dropout-add: standard -> megatron's TransformerLayer with the residual add;
@@ -31,20 +31,22 @@ weights, not by seeding.
 
 from __future__ import annotations
 
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.models.backends import LocalSpecProvider
 from megatron.core.models.gpt.gpt_layer_specs import get_mlp_module_spec_for_backend
+from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.moe.experts import SequentialMLP
-from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
-from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.multi_latent_attention import MLASelfAttentionSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_layer import TransformerLayer, TransformerLayerSubmodules
 
-from attnres_train.model.backend import LINEARS, linear_for_build
+from attnres_train.choices import LinearBackend, Residual
+from attnres_train.model.backend import linear_for_build
 from attnres_train.model.mla import MLACoreAttention, NoPEMLASelfAttention
 from attnres_train.model.norm import RMSNorm
+from attnres_train.model.structure import layer_kind
 from attnres_train.model.sublayer import AttnResTransformerLayer, residual_free_bda
 
 
@@ -81,9 +83,12 @@ def _te_provider():
 
 
 def _provider(linear: str):
-    if linear not in LINEARS:
-        raise ValueError(f"linear backend {linear!r}: use one of {', '.join(LINEARS)}")
-    return _te_provider() if linear == "te" else _LocalProvider()
+    """The spec provider of a resolved linear backend ("te" or "local", never "auto")."""
+    if linear == LinearBackend.te:
+        return _te_provider()
+    if linear == LinearBackend.local:
+        return _LocalProvider()
+    raise ValueError(f"linear backend {linear!r}: use te or local")
 
 
 def _mla_spec(backend, linear: str) -> ModuleSpec:
@@ -126,9 +131,9 @@ def layer_spec(model_cfg, layer_index: int, linear: str = "local") -> ModuleSpec
     """Spec of the 0-based global layer `layer_index`, with "local" or "te" linears and norms."""
     backend = _provider(linear)
     norm = backend.layer_norm(rms_norm=True)
-    is_moe = layer_index >= model_cfg.moe.first_k_dense
-    attnres = model_cfg.residual != "standard"
-    attention = (_mla_spec(backend, linear) if model_cfg.layer_pattern[layer_index] == "M"
+    is_moe = layer_kind(model_cfg, layer_index).is_moe
+    attnres = model_cfg.residual != Residual.standard
+    attention = (_mla_spec(backend, linear) if layer_kind(model_cfg, layer_index).is_mla
                  else _kda_spec(model_cfg))
     mlp = get_mlp_module_spec_for_backend(
         backend=backend, num_experts=model_cfg.moe.num_experts if is_moe else None, moe_grouped_gemm=False
@@ -150,9 +155,9 @@ def layer_spec(model_cfg, layer_index: int, linear: str = "local") -> ModuleSpec
 def block_spec(model_cfg, layer_indices, linear: str | None = None) -> TransformerBlockSubmodules:
     """Block submodules holding the specs of the given (this stage's) global layer indices.
 
-    linear: "local" or "te"; None asks attnres_train.model.backend (ATTNRES_LINEAR, CUDA, TE;
-    always "local" while building on the meta device)."""
-    linear = linear or linear_for_build()
+    linear: "local" or "te"; None resolves model.linear through attnres_train.model.backend
+    (ATTNRES_LINEAR, CUDA, TE; always "local" while building on the meta device)."""
+    linear = linear or linear_for_build(model_cfg.linear)
     return TransformerBlockSubmodules(
         layer_specs=[layer_spec(model_cfg, i, linear) for i in layer_indices],
         layer_norm=_provider(linear).layer_norm(rms_norm=True),

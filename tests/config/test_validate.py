@@ -1,21 +1,130 @@
-"""Clear errors for bad model/parallel configs: each names the key and the fix."""
+"""Clear errors for bad configs: each names the key (or the environment variable) and the fix.
+The choices are enums the schema enforces; the defaults live in the schema alone."""
+
+import dataclasses
+import json
 
 import pytest
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+from omegaconf.errors import ValidationError
 
-from attnres_train.config.validate import ConfigError, validate_model, validate_vocab
+from attnres_train.choices import Residual
+from attnres_train.config import Config, ModelConfig
+from attnres_train.config.compose import CONFIG_DIR, check_overrides, compose_config
+from attnres_train.config.validate import validate_config, validate_model, validate_vocab
+from attnres_train.errors import ConfigError
 from parallel.groups import check_world_size, gpu_for_local_rank
 from tests.helpers import model_cfg, tiny_model_cfg
 
+MODELS = ["tiny", "mini", "small", "kimi_linear_48b_a3b", "paper_194m", "paper_241m", "paper_296m",
+          "paper_436m", "paper_528m"]
+
 
 def test_defaults_are_valid():
-    for name in ["tiny", "mini", "small", "kimi_linear_48b_a3b", "paper_194m", "paper_241m",
-                 "paper_296m", "paper_436m", "paper_528m"]:
+    for name in MODELS:
         validate_model(model_cfg(name))
 
 
-def test_unknown_residual_mode():
-    with pytest.raises(ConfigError, match=r"model.residual='dense'.*standard, full, block"):
-        validate_model(tiny_model_cfg(residual="dense"))
+# ------------------------------------------------------------------------- choices (enums)
+
+@pytest.mark.parametrize("override,allowed", [
+    ("model.residual=dense", "standard, full, block"),
+    ("model.attnres.impl=torch", "two_phase, naive"),
+    ("model.attnres.kernel=cuda", "auto, torch, triton"),
+    ("model.linear=apex", "auto, te, local"),
+    ("model.kda.impl=triton", "auto, chunk, recurrent, fla"),
+    ("model.moe.score_function=tanh", "sigmoid, softmax"),
+    ("parallel.recompute=partial", "none, selective, full"),
+    ("train.lr_schedule=linear", "cosine, wsd, constant"),
+    ("train.dtype=fp16", "auto, fp32, bf16"),
+    ("logging.wandb.mode=cloud", "offline, online, disabled"),
+])
+def test_bad_choice_is_refused_by_the_config_layer(override, allowed):
+    """The schema refuses a value outside a choice while composing, and check_overrides (what the
+    entry point runs first) turns that into one ConfigError naming the key and the allowed values."""
+    key, value = override.split("=")
+    with pytest.raises(ConfigError) as err:
+        check_overrides([override])
+    assert str(err.value) == f"{key}={value!r}: use one of {allowed}"
+    assert err.value.key == key
+    # the same refusal without hydra (the test helpers' path)
+    if key.startswith("model."):
+        with pytest.raises(ValidationError, match=rf"Invalid value '{value}', expected one of \[{allowed}\]"):
+            tiny_model_cfg(**{key.removeprefix("model."): value})
+
+
+def test_bad_list_choice_and_bad_type_are_one_line_errors():
+    with pytest.raises(ConfigError, match=r"^parallel.recompute_modules\[0\]='moe_act': use one of core_attn, "
+                                          r"mla_up_proj, layernorm, mlp, moe, shared_experts$"):
+        check_overrides(["parallel.recompute=selective", "parallel.recompute_modules=[moe_act]"])
+    with pytest.raises(ConfigError, match=r"^train.steps='abc': Value 'abc' of type 'str' could not be "
+                                          r"converted to Integer$"):
+        check_overrides(["train.steps=abc"])
+
+
+def test_check_overrides_leaves_the_rest_to_hydra():
+    """Good overrides pass; hydra flags, unknown keys and missing files are hydra's to report."""
+    check_overrides(["model=mini", "model.residual=standard", "hydra.run.dir=/tmp/x"])
+    check_overrides(["train.stepz=1"])
+    check_overrides(["model=bogus"])
+    check_overrides(["--multirun", "model.residual=bogus"])
+
+
+def test_choice_values_behave_as_plain_strings():
+    """An enum value compares, hashes, formats and serialises as its string: the run dir, the
+    saved config.yaml, json and every `== "block"` in the code see the plain value."""
+    cfg = compose_config(["model.residual=standard"])
+    assert cfg.model.residual is Residual.standard
+    assert cfg.model.residual == "standard" and {"standard": 1}[cfg.model.residual] == 1
+    assert f"{cfg.model.residual}" == str(cfg.model.residual) == "standard"
+    text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+    assert "  residual: standard\n" in text and "  impl: two_phase\n" in text
+    assert json.loads(json.dumps(dataclasses.asdict(cfg)))["model"]["residual"] == "standard"
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        hydra_cfg = compose(config_name="config", overrides=["model=mini"], return_hydra_config=True)
+    assert hydra_cfg.hydra.run.dir.startswith("runs/mini-block/")
+
+
+def test_choice_parse_for_direct_callers():
+    assert Residual.parse("full", "residual") is Residual.full
+    with pytest.raises(ValueError, match=r"^unknown residual 'dense'; valid: standard, full, block$"):
+        Residual.parse("dense", "residual")
+
+
+# ------------------------------------------------------------------------ defaults, one place
+
+def test_defaults_live_in_the_schema():
+    """The group YAMLs and tiny.yaml hold no values: composing the packaged config without
+    overrides gives exactly the dataclass defaults, and ModelConfig's defaults are the tiny model."""
+    assert compose_config() == Config()
+    assert model_cfg("tiny") == ModelConfig()
+    assert Config().train.steps == 600
+    for group in ("data", "logging", "parallel", "train"):
+        assert set(OmegaConf.load(f"{CONFIG_DIR}/{group}/default.yaml")) == {"defaults"}, group
+    assert set(OmegaConf.load(f"{CONFIG_DIR}/model/tiny.yaml")) == {"defaults"}
+
+
+def test_round_trip_through_the_saved_config():
+    """config.yaml as the trainer writes it loads back into the schema as the same config."""
+    for name in MODELS:
+        cfg = compose_config([f"model={name}", "parallel.recompute=selective", "train.lr_schedule=wsd"])
+        text = OmegaConf.to_yaml(OmegaConf.structured(cfg))
+        back = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text)))
+        assert back == cfg, name
+
+
+# -------------------------------------------------------------------- keys replacing the environment
+
+def test_environment_keys_validated():
+    cfg = Config()
+    validate_config(cfg)
+    with pytest.raises(ConfigError, match=r"logging.peak_flops=0.0: .* must be > 0"):
+        validate_config(dataclasses.replace(cfg, logging=dataclasses.replace(cfg.logging, peak_flops=0.0)))
+    pp2 = dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp=2))
+    validate_config(dataclasses.replace(pp2, train=dataclasses.replace(cfg.train, dry_run_world_size=8)))
+    with pytest.raises(ConfigError, match=r"train.dry_run_world_size=3: .*multiple of parallel.tp\*parallel.pp=2"):
+        validate_config(dataclasses.replace(pp2, train=dataclasses.replace(cfg.train, dry_run_world_size=3)))
 
 
 @pytest.mark.parametrize("bs", [0, -1, 9])
@@ -60,7 +169,8 @@ def test_moe_topk_and_ep():
 
 def test_world_size_vs_parallel_sizes():
     assert check_world_size(8, tp=2, pp=2, ep=2) == 2
-    with pytest.raises(ConfigError, match=r"world size 6 is not divisible by tp\*pp=4"):
+    with pytest.raises(ConfigError, match=r"^WORLD_SIZE=6: world size 6 is not divisible by tp\*pp=4 "
+                                          r"\(parallel.tp=2, parallel.pp=2\)"):
         check_world_size(6, tp=2, pp=2, ep=1)
     with pytest.raises(ConfigError, match=r"dp=2.*not divisible by ep=4"):
         check_world_size(4, tp=1, pp=2, ep=4)
@@ -74,5 +184,7 @@ def test_one_gpu_per_rank():
         with pytest.raises(ConfigError, match=r"1 visible GPU\(s\) but 2 ranks.*one GPU per rank"
                                               r".*--nproc"):
             gpu_for_local_rank(rank, 2, 1)
+    with pytest.raises(ConfigError, match=r"^LOCAL_WORLD_SIZE=2: "):
+        gpu_for_local_rank(0, 2, 1)
     with pytest.raises(ConfigError, match="0 visible GPU"):
         gpu_for_local_rank(0, 1, 0)

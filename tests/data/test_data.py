@@ -14,7 +14,6 @@ import pytest
 import torch
 
 from attnres_train.config.schema import DataConfig
-from attnres_train.config.validate import ConfigError
 from attnres_train.data import (
     BPETokenizer,
     CorpusIntegrityError,
@@ -26,6 +25,7 @@ from attnres_train.data import (
 from attnres_train.data import corpus as corpus_mod
 from attnres_train.data import indexed as indexed_mod
 from attnres_train.data import tokenizer as tokenizer_mod
+from attnres_train.errors import ConfigError
 
 SEQ = 64
 TRAIN_TOKENS, VALID_TOKENS = 311_536, 33_637
@@ -426,13 +426,11 @@ def _two_rank_worker(rank, world, port, txt, jsonl, cache, out):
 
 @pytest.mark.slow
 def test_two_ranks_share_the_cache(tmp_path):
-    import socket
-
     import torch.multiprocessing as mp
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    from parallel.groups import free_port
+
+    port = free_port()
     txt = _small_txt(tmp_path, 0, 1000)
     jsonl, _ = _small_jsonl(tmp_path, 30_000, 31_000)
     # fork: the children inherit the imported megatron (spawn re-imports it: ~4 s per process), unless

@@ -14,11 +14,12 @@ from tests.e2e.conftest import ROOT, _env
 pytestmark = pytest.mark.slow
 
 REQUIRED = ("device", "step_time_baseline_s", "step_time_attnres_s", "overhead", "bytes_per_step",
-            "bytes_expected", "bytes_eq7", "bytes_eq8", "peak_mem_baseline_bytes", "peak_mem_attnres_bytes")
+            "bytes_expected", "bytes_eq7", "bytes_eq8", "bytes_naive_full", "peak_mem_baseline_bytes",
+            "peak_mem_attnres_bytes")
 
 
 def test_profile_pp2_vpp2(tmp_path, data_cache):
-    cmd = [sys.executable, "-m", "attnres_train.profile", "--nproc", "2", "--steps", "2", "--warmup", "1",
+    cmd = [sys.executable, "-m", "attnres_train.profiler", "--nproc", "2", "--steps", "2", "--warmup", "1",
            "--name", "t", "--out-dir", str(tmp_path), "parallel.pp=2", "parallel.vpp=2",
            "train.global_batch_size=8", "train.micro_batch_size=2", f"data.cache_dir={data_cache}"]
     proc = subprocess.run(cmd, cwd=ROOT, env=_env(data_cache), capture_output=True, text=True, timeout=600)
@@ -33,12 +34,15 @@ def test_profile_pp2_vpp2(tmp_path, data_cache):
     per = tensor * 4 * 2  # x micro-batches x (fwd + bwd)
     assert res["blocks_per_chunk"] == 1
     assert res["bytes_per_step"] == res["bytes_expected"] == (1 + 1 + 2) * per  # (P-1)+P(P-1)/2+P(P-1)(V-1)
+    # the paper's closed forms count non-embedding blocks; the naive full count adds the C-1 = 3 hops
     assert res["bytes_eq8"] == (1 + 4) * per  # N_p P(P-1)/2 + N_p (V-1) P^2
-    assert res["bytes_eq7"] == (6 + 3) * per  # N_p C(C-1)/2 + (C-1), C = 4
+    assert res["bytes_eq7"] == 6 * per  # N_p C(C-1)/2, C = 4
+    assert res["bytes_naive_full"] == (6 + 3) * per
     assert res["bytes_per_step_baseline"] == 3 * per  # one hidden state per hop, 3 hops
     rows = res["breakdown_attnres"]
     assert {"kda", "mla", "moe", "lm_head", "decoder_self"} <= set(rows)
     assert rows["lm_head"]["flops"] == res["breakdown_baseline"]["lm_head"]["flops"] > 0
     assert rows["decoder_self"]["flops"] > res["breakdown_baseline"]["decoder_self"]["flops"]  # the mixes
     md = (tmp_path / "t.md").read_text()
-    assert "overhead = AttnRes / baseline" in md and "paper Eq. 8" in md
+    assert "overhead = AttnRes / baseline" in md and "paper Eq. 8 (cached, non-embedding blocks)" in md
+    assert "paper Eq. 7 (naive, non-embedding blocks)" in md and "naive full count" in md

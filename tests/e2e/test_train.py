@@ -9,6 +9,7 @@ import math
 import shutil
 
 import pytest
+import yaml
 
 from tests.e2e.conftest import losses, metrics, summary
 
@@ -29,6 +30,21 @@ def test_loss_decreases_and_outputs_exist(cli, tmp_path):
     assert any((run / "tensorboard").iterdir())
     assert list((run / "wandb").glob("offline-run-*"))  # wandb runs offline by default
     assert "step 6/6" in proc.stdout and "tok/s" in proc.stdout and "eta" in proc.stdout
+    # the backend that ran is saved with the run: resolved in config.yaml, with reasons in summary.json
+    saved = yaml.safe_load((run / "config.yaml").read_text())["model"]
+    assert (saved["linear"], saved["attnres"]["kernel"], saved["kda"]["impl"]) == ("local", "torch", "chunk")
+    assert summary(run)["backend"] == {"linear": "local", "linear_reason": "no CUDA", "kda": "chunk",
+                                       "kda_reason": "auto: no CUDA", "attnres_kernel": "torch",
+                                       "attnres_reason": "auto: no CUDA", "device": "cpu", "te_version": None}
+    assert "backend: linear=local (no CUDA), kda=chunk (auto: no CUDA), attnres=torch (auto: no CUDA)" in proc.stdout
+
+
+def test_refused_value_is_one_line_with_exit_code_2(cli, tmp_path):
+    proc = cli(tmp_path / "run", "model.residual=bogus", check=False)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert lines == ["attnres-train: error: model.residual='bogus': use one of standard, full, block"]
+    assert not (tmp_path / "run").exists()
 
 
 def test_resume_is_bit_exact(cli, tmp_path):

@@ -22,7 +22,7 @@ def _stub_bin(tmp_path: Path) -> Path:
 echo "python $*" >> {calls}
 case "$1" in
   -c) echo fake-gpu ;;
-  -m) echo "1 failed"; exit 1 ;;   # pytest -m gpu: fails
+  -m) [ "$2" = pytest ] && {{ echo "1 failed"; exit 1; }} ;;   # pytest -m gpu: fails
 esac
 exit 0
 """
@@ -51,8 +51,8 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path):
     assert "tests: FAILED" in proc.stderr
     for step in ("op", "tiles", "profile"):
         assert f"{step}: ok" in proc.stderr, proc.stderr
-    scripts = [c.split()[1] for c in calls if c.startswith("python ") and c.split()[1].endswith(".py")]
-    assert scripts == ["bench/attnres_op.py", "bench/attnres_op.py", "bench/triton_tiles.py"]
+    scripts = [c.split()[2] for c in calls if c.startswith("python -m bench.")]
+    assert scripts == ["bench.attnres_op", "bench.attnres_op", "bench.triton_tiles"]
     assert any(c.startswith("profile ") and "model=small" in c for c in calls)
     assert list(tmp_path.glob("gpu_tests_fake-gpu_*.log"))  # the test log went to the results dir
 
@@ -60,8 +60,8 @@ def test_a_failing_step_does_not_stop_the_others(tmp_path):
 def test_steps_can_be_picked_and_bad_names_are_refused(tmp_path):
     proc, calls = _run(tmp_path, "tiles")
     assert proc.returncode == 0, proc.stderr
-    scripts = [c for c in calls if ".py" in c]
-    assert len(scripts) == 1 and "bench/triton_tiles.py --preset kimi48b" in scripts[0]
+    scripts = [c for c in calls if "-m bench." in c]
+    assert len(scripts) == 1 and "-m bench.triton_tiles --preset kimi48b" in scripts[0]
     assert not any(c.startswith("profile ") for c in calls)
     bad = subprocess.run(["bash", str(SUITE), "tiels"], capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and "unknown step 'tiels'" in bad.stderr

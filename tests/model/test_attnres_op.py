@@ -85,10 +85,10 @@ def test_lean_matches_naive_fp64(k, shape):
 def test_dispatch_matches_and_rejects_unknown_impl():
     sources = _sources(3, (4, 8), seed=1)
     query, gamma = _query_gamma(8, seed=2)
-    a = attnres(sources, query, gamma, EPS, impl="torch")
+    a = attnres(sources, query, gamma, EPS, impl="two_phase")
     b = attnres(sources, query, gamma, EPS, impl="naive")
     assert _max_abs(a, b) <= TOL
-    with pytest.raises(ValueError, match=r"unknown AttnRes impl 'bogus'.*valid: naive, torch"):
+    with pytest.raises(ValueError, match=r"unknown AttnRes impl 'bogus'.*valid: two_phase, naive"):
         attnres(sources, query, gamma, EPS, impl="bogus")
 
 
@@ -228,7 +228,7 @@ def test_single_block_zero_queries_is_half_residual(chain):
     assert _max_abs(final, 0.5 * (embedding + sum(outputs))) <= 1e-12
 
 
-@pytest.mark.parametrize("impl", ["torch", "naive"])
+@pytest.mark.parametrize("impl", ["two_phase", "naive"])
 def test_first_sublayer_single_source_is_identity(impl):
     embedding = torch.randn(4, 2, 8, generator=_gen(31), dtype=F64, requires_grad=True)
     query, gamma = _query_gamma(8, seed=32)

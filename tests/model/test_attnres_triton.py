@@ -503,11 +503,7 @@ def test_tile_sweep_checks_every_tile(tmp_path):
     candidate tile of each kernel is run and checked against the fp32 torch op (D=40 with
     BLOCK_D 32/64 and 6 tokens exercise both masks), the defaults are among them, and the report
     files are written. On CPU nothing is timed, so no tile is recommended."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import triton_tiles
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    from bench import triton_tiles
     mod = importlib.import_module(MOD)
     kernels = triton_tiles.main(["--quick", "--tokens", "6", "--dim", "40", "--blocks", "3",
                                  "--sublayers", "3", "--results-dir", str(tmp_path),
@@ -519,7 +515,7 @@ def test_tile_sweep_checks_every_tile(tmp_path):
         assert len(k["rows"]) == 2 and all(r["ok"] and r["rel_error"] < 1e-5 for r in k["rows"])
         assert k["best"] is None and all(r["ms"] is None for r in k["rows"])
     report = json.loads((tmp_path / "sweep.json").read_text())
-    assert report["shapes"]["dim"] == 40 and "triton_tiles.py" in report["command"]
+    assert report["shapes"]["dim"] == 40 and "bench.triton_tiles" in report["command"]
     assert "| phase1_bwd |" in (tmp_path / "sweep.md").read_text()
 
 
@@ -531,11 +527,7 @@ def test_launch_tiles_compile_for_h100_without_spills(preset, dtype):
     paper's shapes (d=2304), compiles for sm_90 with Triton's bundled ptxas, fits the register
     file and spills nothing (spill stack and local memory 0 bytes). Before the phase-1 tile
     shrank BLOCK_D for S > 8, the paper's S=16 forward spilled 152 bytes."""
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import triton_tiles
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    from bench import triton_tiles
     mod = importlib.import_module(MOD)
     blocks, sublayers = triton_tiles.PRESETS[preset]
     for name, kernels in triton_tiles.COMPILE_KERNELS.items():

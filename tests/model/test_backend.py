@@ -17,8 +17,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from attnres_train.config import Config, ConfigError
+from attnres_train.model import attnres as attnres_pkg
 from attnres_train.model import backend as backend_mod
-from attnres_train.model.backend import LINEAR_ENV, select_backend, select_linear
+from attnres_train.model.backend import LINEAR_ENV, record_backend, select_backend, select_linear
 from tests.helpers import tiny_model_cfg, tokens
 
 KERNEL_ENV = "ATTNRES_KERNEL"
@@ -30,6 +32,8 @@ KERNEL_ENV = "ATTNRES_KERNEL"
 def clean_env(monkeypatch):
     monkeypatch.delenv(LINEAR_ENV, raising=False)
     monkeypatch.delenv(KERNEL_ENV, raising=False)
+    # select_backend sets the process's kernel preference (model.attnres.kernel): restored after
+    monkeypatch.setattr(attnres_pkg, "_preferred_kernel", attnres_pkg._preferred_kernel)
     return monkeypatch
 
 
@@ -111,8 +115,23 @@ def test_linear_env_overrides(fake_gpu):
     fake_gpu.setenv(LINEAR_ENV, "auto")
     assert select_linear()[0] == "te"
     fake_gpu.setenv(LINEAR_ENV, "apex")
-    with pytest.raises(ValueError, match="ATTNRES_LINEAR='apex': use te, local or auto"):
+    with pytest.raises(ConfigError, match="^ATTNRES_LINEAR='apex': use one of auto, te, local$"):
         select_linear()
+
+
+def test_linear_config_key_and_env_precedence(fake_gpu):
+    """model.linear chooses; ATTNRES_LINEAR, when set, wins over it; auto decides from the machine."""
+    b = select_backend(_cfg(linear="local"))
+    assert (b.linear, b.linear_reason) == ("local", "model.linear=local")
+    assert select_linear("te") == ("te", "model.linear=te")
+    fake_gpu.setenv(LINEAR_ENV, "te")
+    assert select_backend(_cfg(linear="local")).linear == "te"
+    fake_gpu.setenv(LINEAR_ENV, "auto")
+    assert select_linear("local") == ("te", "auto: CUDA and transformer-engine")
+    fake_gpu.delenv(LINEAR_ENV)
+    fake_gpu.setattr(backend_mod, "te_version", lambda: None)
+    with pytest.raises(RuntimeError, match="model.linear=te but transformer-engine is not importable"):
+        select_backend(_cfg(linear="te"))
 
 
 def test_linear_te_without_te_is_a_clear_error(fake_gpu):
@@ -161,6 +180,47 @@ def test_attnres_kernel_reporting(fake_gpu):
     fake_gpu.setenv(KERNEL_ENV, "torch")
     b = select_backend(_cfg())
     assert (b.attnres_kernel, b.attnres_reason) == ("torch", "ATTNRES_KERNEL=torch")
+
+
+def test_attnres_kernel_config_key_and_env_precedence(fake_gpu):
+    """model.attnres.kernel becomes the dispatcher's choice at start-up (select_backend), so the
+    kernels deep inside the model follow it; ATTNRES_KERNEL, when set, wins over it."""
+    b = select_backend(_cfg(**{"attnres.kernel": "torch"}))
+    assert (b.attnres_kernel, b.attnres_reason) == ("torch", "model.attnres.kernel=torch")
+    assert attnres_pkg.kernel_backend("cuda") == "torch" and attnres_pkg.phase1_fn("cuda") is attnres_pkg.attnres_phase1
+    fake_gpu.setenv(KERNEL_ENV, "triton")
+    b = select_backend(_cfg(**{"attnres.kernel": "torch"}))
+    assert (b.attnres_kernel, b.attnres_reason) == ("triton", "ATTNRES_KERNEL=triton")
+    fake_gpu.setenv(KERNEL_ENV, "bogus")
+    with pytest.raises(ConfigError, match="^ATTNRES_KERNEL='bogus': use one of auto, torch, triton$"):
+        attnres_pkg.kernel_backend("cuda")
+    fake_gpu.delenv(KERNEL_ENV)
+    assert select_backend(_cfg()).attnres_kernel == "triton"  # auto again
+    assert attnres_pkg.kernel_backend("cpu") == "torch"
+
+
+def test_record_backend_saves_what_ran(fake_gpu):
+    """record_backend replaces each backend choice by the resolved one (config.yaml then says what
+    ran) and leaves the given config alone; as_dict is plain strings for summary.json."""
+    import json
+
+    from omegaconf import OmegaConf
+
+    cfg = Config(model=_cfg(**{"kda.chunk_size": 64}))
+    b = select_backend(cfg.model)
+    recorded = record_backend(cfg, b)
+    assert (recorded.model.linear, recorded.model.attnres.kernel, recorded.model.kda.impl) == ("te", "triton", "fla")
+    assert (cfg.model.linear, cfg.model.attnres.kernel, cfg.model.kda.impl) == ("auto", "auto", "auto")
+    text = OmegaConf.to_yaml(OmegaConf.structured(recorded))
+    assert "  linear: te\n" in text and "    kernel: triton\n" in text and "    impl: fla\n" in text
+    assert json.loads(json.dumps(b.as_dict())) == {
+        "linear": "te", "linear_reason": "auto: CUDA and transformer-engine", "kda": "fla",
+        "kda_reason": "auto: CUDA and fla.ops.kda", "attnres_kernel": "triton",
+        "attnres_reason": "auto: CUDA and triton", "device": "cuda", "te_version": "2.8.0"}
+    # no kernel runs (standard residual) and no KDA layers: those keys stay as configured
+    cfg = Config(model=_cfg(residual="standard", layer_pattern="MMMM"))
+    recorded = record_backend(cfg, select_backend(cfg.model))
+    assert (recorded.model.attnres.kernel, recorded.model.kda.impl) == ("auto", "auto")
 
 
 def test_attnres_triton_without_cuda_is_an_error(no_cuda):
@@ -226,22 +286,27 @@ def _assert_local_build(model):
 
 
 def test_local_build_unchanged(mcore_world, clean_env):
-    """The local build, module by module (what it was before the TE build existed); on a machine
-    without CUDA it is the default, bit for bit."""
+    """The local build, module by module (what it was before the TE build existed); model.linear=local
+    builds the same as ATTNRES_LINEAR=local, and on a machine without CUDA it is the default, bit
+    for bit."""
     from attnres_train.model.model import build_model
+
+    def same(x, y):
+        a, b = x.state_dict(), y.state_dict()
+        return list(a) == list(b) and all(
+            torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
 
     cfg = _cfg()
     clean_env.setenv(LINEAR_ENV, "local")
     torch.manual_seed(0)
     local = build_model(cfg)
     _assert_local_build(local)
+    clean_env.delenv(LINEAR_ENV)
+    torch.manual_seed(0)
+    assert same(build_model(_cfg(linear="local")), local)
     if not torch.cuda.is_available():
-        clean_env.delenv(LINEAR_ENV)
         torch.manual_seed(0)
-        default = build_model(cfg)
-        a, b = default.state_dict(), local.state_dict()
-        assert list(a) == list(b)
-        assert all(torch.equal(a[k], b[k]) if isinstance(a[k], torch.Tensor) else a[k] == b[k] for k in a)
+        assert same(build_model(cfg), local)
 
 
 def test_meta_build_is_local(mcore_world, clean_env):
@@ -250,7 +315,7 @@ def test_meta_build_is_local(mcore_world, clean_env):
     from attnres_train.model.model import build_model
 
     clean_env.setenv(LINEAR_ENV, "bogus")  # raises if consulted
-    model = build_model(_cfg(), meta=True)
+    model = build_model(_cfg(linear="te"), meta=True)
     _assert_local_build(model)
     assert all(p.device.type == "meta" for p in model.parameters())
 

@@ -1,4 +1,4 @@
-"""Parameter counts of Kimi-Linear-48B-A3B on the meta device (spec: kimi_linear.md §5)."""
+"""Parameter counts of Kimi-Linear-48B-A3B on the meta device."""
 
 from __future__ import annotations
 

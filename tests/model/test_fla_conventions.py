@@ -14,8 +14,6 @@ before its activation, a temperature) fails here instead of on a GPU.
 from __future__ import annotations
 
 import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +22,6 @@ import torch.nn.functional as F
 pytestmark = pytest.mark.skipif(
     importlib.util.find_spec("fla") is None, reason="fla-core is not installed (dev extra)"
 )
-
-REPO = Path(__file__).resolve().parents[2]
 
 
 def _maxdiff(a, b):
@@ -180,11 +176,7 @@ def test_op_benchmark_fla_variant_computes_the_same(monkeypatch):
     same computation."""
     from fla.ops.attnres.naive import naive_attnres
 
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import attnres_op as bench
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    import bench.attnres_op as bench
 
     monkeypatch.setattr(bench, "_fla_fused_attnres", lambda: naive_attnres)
 

@@ -3,8 +3,6 @@ dispatch, and the megatron layer (names, counts, causality, meta build, checkpoi
 
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -235,7 +233,7 @@ HF_SHAPES = {
 def test_param_count_formula():
     from attnres_train.model.kda.layer import kda_param_count
 
-    assert kda_param_count(2304, 32, 128, 4) == 39_514_272  # kimi_linear.md §5
+    assert kda_param_count(2304, 32, 128, 4) == 39_514_272  # the 48B model's KDA layer
     assert kda_param_count(128, 2, 32, 4) == 46_178
 
 
@@ -430,7 +428,7 @@ def test_tp2_matches_tp1(mcore_world, tmp_path):
     forward (without it the error is ~1.6)."""
     import torch.multiprocessing as mp
 
-    from tests.conftest import free_port
+    from parallel.groups import free_port
 
     y1, dx1, p1 = _tp_layer_run(1)
     mp.spawn(_tp2_worker, args=(free_port(), str(tmp_path)), nprocs=2)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from attnres_train.model.block import state_layout
+from attnres_train.model.attnres.state import state_after
 from attnres_train.model.model import build_model
 from tests.helpers import logits, tiny_model_cfg, tokens, with_residual
 
@@ -30,10 +30,9 @@ def _scale_prenorm_eps(baseline, block_size: int, num_layers: int):
     """
     for layer in baseline.decoder.layers:
         for kind, norm in ((0, layer.input_layernorm), (1, layer.pre_mlp_layernorm)):
-            n, has_partial = state_layout(2 * (layer.layer_number - 1) + kind, block_size)
-            norm.eps = norm.eps * (n + has_partial) ** 2
-    n, has_partial = state_layout(2 * num_layers, block_size)
-    baseline.decoder.final_layernorm.eps *= (n + has_partial) ** 2
+            k = state_after(2 * (layer.layer_number - 1) + kind, block_size).num_tensors
+            norm.eps = norm.eps * k ** 2
+    baseline.decoder.final_layernorm.eps *= state_after(2 * num_layers, block_size).num_tensors ** 2
 
 
 @pytest.mark.parametrize("residual,block_size", [("block", 2), ("block", 3), ("block", 8), ("full", 1)],
@@ -161,3 +160,48 @@ def test_layout_independent_init_equals_the_unsplit_model(mcore_world, tmp_path)
         params = [n for n, _ in chunk.named_parameters()]
         assert params and all(torch.equal(got[n], want[n]) for n in params)
     assert not (tmp_path / ".unsplit-init").exists()  # removed after loading
+
+
+class _RecordingIO:
+    """A StageIO that packs every source (the naive hand-over) and records what it saw."""
+
+    def __init__(self):
+        self.sent = None  # (state, payload)
+
+    def receive(self, payload):
+        raise AssertionError("a first chunk receives nothing")
+
+    def send(self, state):
+        self.sent = (state, torch.cat(state.sources(), dim=0))
+        return self.sent[1]
+
+
+@pytest.mark.parametrize("residual,block_size", [("block", 3), ("full", 1)])
+def test_non_last_chunk_returns_the_payload_its_stage_io_sends(mcore_world, residual, block_size):
+    """GPTModel without post_process returns the decoder's output unchanged: the tensor the
+    StageIO packed is what megatron's schedule sends (and receives the gradient of)."""
+    cfg = tiny_model_cfg(residual=residual, **{"attnres.block_size": block_size})
+    chunk = build_model(cfg, post_process=False)
+    io = _RecordingIO()
+    chunk.decoder.set_stage_io(io)
+    ids = tokens(cfg)
+    out = logits(chunk, ids)
+    state, payload = io.sent
+    assert out is payload
+    shape = state_after(2 * cfg.num_layers, block_size)
+    assert (len(state.blocks), state.partial is not None) == shape
+    assert out.shape == (shape.num_tensors * ids.shape[1], ids.shape[0], cfg.hidden_size)
+    out.sum().backward()  # the payload carries the whole chunk's graph
+    assert chunk.embedding.word_embeddings.weight.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("pre,post,match", [(False, True, "a non-first pipeline chunk"),
+                                            (True, False, "a non-last pipeline chunk")])
+def test_split_chunk_without_stage_io_fails_clearly(mcore_world, pre, post, match):
+    cfg = tiny_model_cfg(residual="block", **{"attnres.block_size": 2})
+    chunk = build_model(cfg, pre_process=pre, post_process=post)
+    ids = tokens(cfg)
+    if not pre:  # what megatron's schedule delivers to a non-first chunk
+        chunk.set_input_tensor(torch.zeros(2 * ids.shape[1], ids.shape[0], cfg.hidden_size))
+    with pytest.raises(RuntimeError, match=match + r".*StageIO: run it through parallel.Pipeline"):
+        logits(chunk, ids) if pre else chunk(None, None, None)

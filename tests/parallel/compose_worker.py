@@ -13,12 +13,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 NUM_MICRO, MBS = 4, 2
 # fp64 end to end (weights, p2p payloads, DDP grad buffers): TP splits row-parallel reductions and

@@ -9,12 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-os.environ.setdefault("TORCHDYNAMO_DISABLE", "1")
 
 
 def batches_for(cfg, num_micro: int, mbs: int):

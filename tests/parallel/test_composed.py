@@ -14,12 +14,12 @@ runs show 1e-5..1e-4 of reassociation noise. A lost TP partial sum or a wrong sh
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
 from attnres_train.config.schema import ParallelConfig
+from parallel.groups import free_port
 from parallel.layout import layout_for
 from tests.parallel import compose_worker
 
@@ -32,18 +32,12 @@ CASES = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_pp2_composed_with_tp_ep_dp(tmp_path):
     ref_dir, out_dir = tmp_path / "ref", tmp_path / "out"
     ref_dir.mkdir()
     out_dir.mkdir()
-    mp.start_processes(compose_worker.reference, args=(1, _port(), str(ref_dir)), nprocs=1, start_method="spawn")
-    mp.start_processes(compose_worker.composed, args=(4, _port(), CASES, str(ref_dir), str(out_dir)), nprocs=4,
+    mp.start_processes(compose_worker.reference, args=(1, free_port(), str(ref_dir)), nprocs=1, start_method="spawn")
+    mp.start_processes(compose_worker.composed, args=(4, free_port(), CASES, str(ref_dir), str(out_dir)), nprocs=4,
                        start_method="spawn")
     ref_loss = json.loads((ref_dir / "reference.json").read_text())["loss"]
     results = [json.loads((out_dir / f"rank{r}.json").read_text()) for r in range(4)]

@@ -11,11 +11,11 @@ over all tokens, show ~1e-6 of fp32 reassociation noise). A lost or doubled depo
 from __future__ import annotations
 
 import json
-import socket
 
 import pytest
 import torch.multiprocessing as mp
 
+from parallel.groups import free_port
 from parallel.layout import build_layout, expected_aligned, paper_eq8
 from tests.parallel import pp_worker
 
@@ -32,14 +32,8 @@ CASES = [
 ]
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run(P, V, tmp_path, cases):
-    mp.start_processes(pp_worker.main, args=(P, _port(), P, V, cases, str(tmp_path)), nprocs=P,
+    mp.start_processes(pp_worker.main, args=(P, free_port(), P, V, cases, str(tmp_path)), nprocs=P,
                        start_method="spawn")
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(P)]
 

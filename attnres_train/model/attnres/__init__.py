@@ -1,4 +1,4 @@
-"""Attention Residuals (AttnRes) core op, pure torch.
+"""Attention Residuals (AttnRes) core op, pure torch (design notes: docs/attnres.md).
 
 Equations (Kimi Team, "Attention Residuals", Eqs. 2-4 and 6). Sublayer ``l`` replaces the residual
 sum with softmax attention over depth, per token, over k sources ``v_j`` of shape ``[..., D]``::
@@ -33,7 +33,7 @@ Public API:
     attnres_naive:  plain-autograd reference (ground truth for tests).
     attnres_lean:   same contract, memory-lean custom backward.
     attnres_phase1, attnres_merge: the two phases.
-    attnres(...):   dispatch by ``impl`` name.
+    attnres(...):   dispatch by ``impl`` (model.attnres.impl: two_phase or naive).
     attnres_phase1_auto, attnres_merge_auto: the two phases on the selected kernel backend
         (:func:`kernel_backend`): the fused Triton kernels of :mod:`.triton_kernels` for CUDA
         tensors when triton is installed, the torch Functions otherwise.
@@ -49,6 +49,9 @@ from typing import Callable, Optional, Sequence
 
 import torch
 from torch import Tensor
+
+from attnres_train.choices import AttnResImpl, AttnResKernel
+from attnres_train.errors import ConfigError
 
 from .naive import attnres_naive, block_attnres_chain_naive
 from .two_phase import (
@@ -68,39 +71,59 @@ __all__ = [
     "block_attnres_chain_two_phase",
     "IMPLS",
     "kernel_backend",
+    "requested_kernel",
+    "set_kernel_preference",
     "phase1_fn",
     "merge_fn",
     "attnres_phase1_auto",
     "attnres_merge_auto",
 ]
 
-#: implementation name -> single-query op ``(sources, query, gamma, eps) -> [..., D]``
-IMPLS: dict[str, Callable[[Sequence[Tensor], Tensor, Tensor, float], Tensor]] = {
-    "torch": attnres_lean,
-    "naive": attnres_naive,
+#: model.attnres.impl -> its single-query op ``(sources, query, gamma, eps) -> [..., D]``
+IMPLS: dict[AttnResImpl, Callable[[Sequence[Tensor], Tensor, Tensor, float], Tensor]] = {
+    AttnResImpl.two_phase: attnres_lean,  # phase 1 with one query: the lean custom Function
+    AttnResImpl.naive: attnres_naive,
 }
 
 
 def attnres(
-    sources: Sequence[Tensor], query: Tensor, gamma: Tensor, eps: float, impl: str = "torch"
+    sources: Sequence[Tensor], query: Tensor, gamma: Tensor, eps: float,
+    impl: AttnResImpl | str = AttnResImpl.two_phase,
 ) -> Tensor:
     """One AttnRes mix: softmax over ``sources`` (each ``[..., D]``) with query/gamma ``[D]``.
 
-    ``impl="torch"`` uses the memory-lean custom Function, ``impl="naive"`` plain autograd.
+    ``impl="two_phase"`` uses the memory-lean custom Function, ``impl="naive"`` plain autograd.
     """
-    try:
-        fn = IMPLS[impl]
-    except KeyError:
-        raise ValueError(
-            f"unknown AttnRes impl {impl!r}; valid: {', '.join(sorted(IMPLS))}"
-        ) from None
-    return fn(sources, query, gamma, eps)
+    return IMPLS[AttnResImpl.parse(impl, "AttnRes impl")](sources, query, gamma, eps)
 
 
 # --------------------------------------------------------------------------- kernel backend
 
-#: environment override of the kernel backend: ``torch``, ``triton`` or ``auto`` (default)
+#: environment override of model.attnres.kernel: ``torch``, ``triton`` or ``auto``
 KERNEL_ENV = "ATTNRES_KERNEL"
+
+# model.attnres.kernel of this process's model: the kernels are picked per call deep inside the
+# model, so the configured choice is set here once at start-up (attnres_train.model.backend's
+# select_backend) instead of being threaded through every layer.
+_preferred_kernel = AttnResKernel.auto
+
+
+def set_kernel_preference(kernel: AttnResKernel | str) -> None:
+    """Make ``kernel`` (model.attnres.kernel) the choice :func:`kernel_backend` applies when
+    ``ATTNRES_KERNEL`` is unset."""
+    global _preferred_kernel
+    _preferred_kernel = AttnResKernel.parse(kernel, "model.attnres.kernel")
+
+
+def requested_kernel() -> tuple[AttnResKernel, str]:
+    """``(choice, where it came from)``: ``ATTNRES_KERNEL`` when set (case-insensitive), else
+    model.attnres.kernel (:func:`set_kernel_preference`; ``auto`` unless configured)."""
+    env = os.environ.get(KERNEL_ENV, "").strip().lower()
+    if not env:
+        return _preferred_kernel, "model.attnres.kernel"
+    if env not in AttnResKernel.values():
+        raise ConfigError(KERNEL_ENV, env, f"use one of {', '.join(AttnResKernel.values())}")
+    return AttnResKernel(env), KERNEL_ENV
 
 
 @functools.lru_cache(maxsize=None)
@@ -109,31 +132,30 @@ def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def kernel_backend(device: torch.device | str) -> str:
-    """``"triton"`` or ``"torch"``: which kernels the two phases run on for tensors on ``device``.
+def kernel_backend(device: torch.device | str) -> AttnResKernel:
+    """``triton`` or ``torch``: which kernels the two phases run on for tensors on ``device``.
 
-    ``ATTNRES_KERNEL=torch|triton`` forces one (``triton`` raises if triton is not installed; on
-    CPU tensors it only works under ``TRITON_INTERPRET=1``, which tests use). Unset or ``auto``:
-    Triton for CUDA tensors when triton is installed, else torch. The environment is read on
-    every call (a dictionary lookup), so tests can switch it; triton is imported only when the
-    Triton backend is actually used.
+    The choice is :func:`requested_kernel`'s (``ATTNRES_KERNEL``, else model.attnres.kernel).
+    ``torch`` or ``triton`` forces one (``triton`` raises if triton is not installed; on CPU
+    tensors it only works under ``TRITON_INTERPRET=1``, which tests use). ``auto``: Triton for
+    CUDA tensors when triton is installed, else torch. The environment is read on every call (a
+    dictionary lookup), so tests can switch it; triton is imported only when the Triton backend
+    is actually used.
     """
-    choice = os.environ.get(KERNEL_ENV, "").strip().lower() or "auto"
-    if choice == "torch":
-        return "torch"
-    if choice == "triton":
+    choice, source = requested_kernel()
+    if choice == AttnResKernel.torch:
+        return AttnResKernel.torch
+    if choice == AttnResKernel.triton:
         if not triton_available():
-            raise RuntimeError(f"{KERNEL_ENV}=triton but triton is not installed")
+            raise RuntimeError(f"{source}=triton but triton is not installed")
         interpret = os.environ.get("TRITON_INTERPRET", "").strip().lower() in ("1", "true", "on")
         if torch.device(device).type != "cuda" and not interpret:
-            raise RuntimeError(f"{KERNEL_ENV}=triton needs CUDA tensors (or TRITON_INTERPRET=1), "
+            raise RuntimeError(f"{source}=triton needs CUDA tensors (or TRITON_INTERPRET=1), "
                                f"got {torch.device(device).type} tensors")
-        return "triton"
-    if choice != "auto":
-        raise ValueError(f"{KERNEL_ENV}={choice!r}: use torch, triton or auto")
+        return AttnResKernel.triton
     if torch.device(device).type != "cuda" or not triton_available():
-        return "torch"
-    return "torch" if triton_self_check(torch.device(device).type) else "triton"
+        return AttnResKernel.torch
+    return AttnResKernel.torch if triton_self_check(torch.device(device).type) else AttnResKernel.triton
 
 
 @functools.lru_cache(maxsize=None)

@@ -1,7 +1,7 @@
 """Kimi Delta Attention (KDA): reference recurrence, chunked pure-torch form, fla adapter, layer.
 
 ``kda(q, k, v, g, beta, ...)`` dispatches between the implementations; see each module for the
-math (kimi_linear.md §2) and the numerics.
+math and the numerics (design notes: docs/kda.md).
 """
 
 from __future__ import annotations
@@ -10,14 +10,13 @@ from typing import Optional, Tuple
 
 import torch
 
+from attnres_train.choices import KDAImpl
 from attnres_train.model.kda.chunk import kda_chunk
 from attnres_train.model.kda.fla import fla_available, kda_fla
 from attnres_train.model.kda.naive import kda_recurrent
 
-IMPLS = ("auto", "chunk", "recurrent", "fla")
 
-
-def resolve_impl(impl: str, device: torch.device, chunk_size: int) -> str:
+def resolve_impl(impl: KDAImpl | str, device: torch.device, chunk_size: int) -> KDAImpl:
     """The concrete implementation ``impl`` stands for on ``device`` ("chunk"/"recurrent"/"fla").
 
     "auto" picks fla when its kernel is usable (CUDA tensors, fla importable, chunk_size 32 or
@@ -27,20 +26,19 @@ def resolve_impl(impl: str, device: torch.device, chunk_size: int) -> str:
     return explain_impl(impl, device, chunk_size)[0]
 
 
-def explain_impl(impl: str, device: torch.device, chunk_size: int) -> Tuple[str, str]:
+def explain_impl(impl: KDAImpl | str, device: torch.device, chunk_size: int) -> Tuple[KDAImpl, str]:
     """``(resolve_impl(...), why)``: the selection rule of :func:`resolve_impl` with a short
     reason, for start-up reports (``attnres_train.model.backend``)."""
-    if impl not in IMPLS:
-        raise ValueError(f"unknown KDA impl {impl!r}; valid: {', '.join(IMPLS)}")
-    if impl == "auto":
+    impl = KDAImpl.parse(impl, "KDA impl")
+    if impl == KDAImpl.auto:
         if torch.device(device).type != "cuda":
-            return "chunk", "auto: no CUDA"
+            return KDAImpl.chunk, "auto: no CUDA"
         if chunk_size not in (32, 64):
-            return "chunk", f"auto: fla needs chunk_size 32 or 64, got {chunk_size}"
+            return KDAImpl.chunk, f"auto: fla needs chunk_size 32 or 64, got {chunk_size}"
         if not fla_available():
-            return "chunk", "auto: fla.ops.kda not importable"
-        return "fla", "auto: CUDA and fla.ops.kda"
-    if impl == "fla" and not fla_available():
+            return KDAImpl.chunk, "auto: fla.ops.kda not importable"
+        return KDAImpl.fla, "auto: CUDA and fla.ops.kda"
+    if impl == KDAImpl.fla and not fla_available():
         raise RuntimeError(
             "impl='fla' needs CUDA and an importable fla.ops.kda "
             "(pip install flash-linear-attention); use impl='chunk' or 'auto'"
@@ -58,13 +56,13 @@ def kda(
     initial_state: Optional[torch.Tensor] = None,
     output_final_state: bool = False,
     chunk_size: int = 64,
-    impl: str = "auto",
+    impl: KDAImpl | str = KDAImpl.auto,
 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """KDA core: q, k, g ``[B, T, H, K]``, v ``[B, T, H, V]``, beta ``[B, T, H]``,
     initial_state ``[B, H, K, V]`` -> ``(o [B, T, H, V], final state [B, H, K, V] or None)``.
 
     q/k are expected l2-normalised, g activated (log-decay <= 0), beta sigmoided.
-    ``impl`` in {"auto", "chunk", "recurrent", "fla"} (see :func:`resolve_impl`).
+    ``impl``: a :class:`~attnres_train.choices.KDAImpl` (see :func:`resolve_impl`).
     """
     which = resolve_impl(impl, q.device, chunk_size)
     if which == "fla":
@@ -86,7 +84,6 @@ def __getattr__(name: str):
 
 
 __all__ = [
-    "IMPLS",
     "KimiDeltaAttention",
     "fla_available",
     "kda",

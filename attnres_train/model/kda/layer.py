@@ -1,6 +1,6 @@
 """Kimi Delta Attention as a megatron-core attention module.
 
-Spec: kimi_linear.md §2.1 (math, projections, init), kda_in_mcore.md §2 (megatron fit).
+Design notes: docs/kda.md (the layer, the recurrence, the numerics, the fla conventions).
 
 Used as ``self_attention`` of megatron's ``TransformerLayer``: built with
 ``build_module(spec, config=..., layer_number=..., pg_collection=..., **extra)`` and called as
@@ -53,7 +53,8 @@ from megatron.core.transformer.utils import (
     sharded_state_dict_default,
 )
 
-from attnres_train.model.kda import IMPLS, kda
+from attnres_train.choices import KDAImpl
+from attnres_train.model.kda import kda
 
 L2NORM_EPS = 1e-6  # inside fla's l2norm, which the HF model uses (use_qk_l2norm_in_kernel)
 A_INIT_RANGE = (1.0, 16.0)  # A = exp(A_log) ~ U(1, 16)
@@ -63,7 +64,7 @@ CONV_NAMES = ("q_conv1d", "k_conv1d", "v_conv1d")
 
 
 def kda_param_count(d: int, H: int, K: int, conv: int) -> int:
-    """Parameters of one KDA layer (d_v = K, no biases): kimi_linear.md §5.
+    """Parameters of one KDA layer (d_v = K, no biases).
 
     ``kda_param_count(2304, 32, 128, 4) == 39_514_272`` (Kimi-Linear-48B-A3B).
     """
@@ -121,7 +122,7 @@ class GatedRMSNorm(nn.Module):
     heads, so its gradient must be summed over TP: the forward passes it through
     ``copy_to_tensor_model_parallel_region`` (identity forward, all-reduce backward), because
     megatron's finalize_model_grads only sums TP grads of sequence-parallel / qk-layernorm
-    params (kda_in_mcore.md §4).
+    params (docs/kda.md).
     """
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype, tp_group=None):
@@ -189,8 +190,7 @@ class KimiDeltaAttention(MegatronModule):
                 f"KDA has no grouped-value heads: linear_num_value_heads must equal "
                 f"linear_num_key_heads, got {config.linear_num_value_heads} != {H}"
             )
-        if impl not in IMPLS:  # availability of "fla" is checked at call time
-            raise ValueError(f"unknown KDA impl {impl!r}; valid: {', '.join(IMPLS)}")
+        impl = KDAImpl.parse(impl, "KDA impl")  # availability of "fla" is checked at call time
         if chunk_size < 1:
             raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
 
@@ -241,7 +241,7 @@ class KimiDeltaAttention(MegatronModule):
         self.f_a_proj, self.f_b_proj = col(d, K, gather=True), col(K, P)
         self.g_a_proj, self.g_b_proj = col(d, K, gather=True), col(K, P)
         self.b_proj = col(d, H)
-        # fp32 whatever params_dtype is (kimi_linear.md §2.1: decay parameters stay fp32)
+        # fp32 whatever params_dtype is (decay parameters stay fp32: docs/kda.md)
         self.dt_bias = nn.Parameter(torch.empty(self.proj_dim_local, dtype=torch.float32))
         self.A_log = nn.Parameter(torch.empty(self.num_heads_local, dtype=torch.float32))
         self.o_norm = GatedRMSNorm(K, config.layernorm_epsilon, pdt, tp_group=self.tp_group)

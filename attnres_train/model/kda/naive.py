@@ -1,6 +1,6 @@
 """Token-by-token reference of Kimi Delta Attention (KDA), written from the math.
 
-Per batch element and head, with state ``S`` of shape ``[K, V]`` (kimi_linear.md §2.2)::
+Per batch element and head, with state ``S`` of shape ``[K, V]`` (docs/kda.md)::
 
     S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T
     o_t = S_t^T (scale * q_t)

@@ -12,18 +12,26 @@ import math
 import os
 import time
 from pathlib import Path
+from typing import Optional
 
 import torch
+
+from attnres_train.model.structure import num_mla_layers
+
+PEAK_FLOPS_ENV = "ATTNRES_PEAK_FLOPS"
 
 # Dense bf16 peak of common accelerators (FLOP/s), for the MFU estimate.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "H800": 989e12, "A100": 312e12, "B200": 2250e12}
 
 
-def device_peak_flops() -> float:
-    """The device's peak: $ATTNRES_PEAK_FLOPS if set, else a table for GPUs; on CPU a measured
-    fp32 GEMM rate (0.2 s probe)."""
-    if os.environ.get("ATTNRES_PEAK_FLOPS"):
-        return float(os.environ["ATTNRES_PEAK_FLOPS"])
+def device_peak_flops(peak_flops: Optional[float] = None) -> float:
+    """The device's peak FLOP/s for the MFU estimate: $ATTNRES_PEAK_FLOPS if set (the profiler
+    pins one value for both of its runs), else `peak_flops` (the config's logging.peak_flops) if
+    given, else a table for GPUs; on CPU a measured fp32 GEMM rate (0.2 s probe)."""
+    if os.environ.get(PEAK_FLOPS_ENV):
+        return float(os.environ[PEAK_FLOPS_ENV])
+    if peak_flops is not None:
+        return float(peak_flops)
     if torch.cuda.is_available():
         name = torch.cuda.get_device_name()
         for key, peak in GPU_PEAK_FLOPS.items():
@@ -42,10 +50,20 @@ def device_peak_flops() -> float:
 
 def model_flops_per_token(model_cfg, params_active_nonembedding: int) -> float:
     """Training FLOPs per token: 6·N (matmuls fwd+bwd) + causal MLA attention scores/values."""
-    mla_layers = model_cfg.layer_pattern.count("M")
     m = model_cfg.mla
     attn = 2 * (model_cfg.seq_length / 2) * m.num_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim + m.v_head_dim)
-    return 6 * params_active_nonembedding + 3 * mla_layers * attn
+    return 6 * params_active_nonembedding + 3 * num_mla_layers(model_cfg) * attn
+
+
+# The console progress line: (record key, how it is shown), in order; absent keys are skipped.
+PROGRESS_FIELDS = (
+    ("loss", "loss {:.4f}"),
+    ("val_loss", "val_loss {:.4f}"),
+    ("lr", "lr {:.2e}"),
+    ("grad_norm", "gnorm {:.3f}"),
+    ("tokens_per_s", "{:,.0f} tok/s"),
+    ("mfu", "mfu {:.1%}"),  # '%' multiplies by 100 (as a float, like 100 * v)
+)
 
 
 def _fmt_time(seconds: float) -> str:
@@ -114,18 +132,7 @@ class RunLogger:
         done = max(step - self.start_step, 1)
         eta = elapsed / done * (self.total_steps - step)
         parts = [f"step {step}/{self.total_steps}"]
-        if "loss" in r:
-            parts.append(f"loss {r['loss']:.4f}")
-        if "val_loss" in r:
-            parts.append(f"val_loss {r['val_loss']:.4f}")
-        if "lr" in r:
-            parts.append(f"lr {r['lr']:.2e}")
-        if "grad_norm" in r:
-            parts.append(f"gnorm {r['grad_norm']:.3f}")
-        if "tokens_per_s" in r:
-            parts.append(f"{r['tokens_per_s']:,.0f} tok/s")
-        if "mfu" in r:
-            parts.append(f"mfu {100 * r['mfu']:.1f}%")
+        parts += [fmt.format(r[key]) for key, fmt in PROGRESS_FIELDS if key in r]
         parts.append(f"elapsed {_fmt_time(elapsed)} eta {_fmt_time(eta)}")
         return " | ".join(parts)
 

@@ -13,9 +13,11 @@ breakdown. Results: bench/results/<name>.json and .md, naming device, command an
 
 Byte units. All counts are for the whole job per optimizer step, forward + backward: tensors of
 [s/tp, b, d] in the model dtype, x micro-batches x data-parallel replicas. `bytes_expected` is the
-static layout's count (parallel/layout.py), `bytes_eq7` / `bytes_eq8` the paper's naive and cached
-schemes (Eq. 7 + the embedding hops, Eq. 8), defined for layouts whose block boundaries fall on
-chunk boundaries (else null).
+static layout's count (parallel/layout.py; full count: embedding hops and partial sums included),
+`bytes_eq7` / `bytes_eq8` the paper's naive and cached schemes counted as the paper does
+(non-embedding blocks only), `bytes_naive_full` the naive scheme's full count (Eq. 7 + the
+embedding hops); the closed forms are defined for pipelines whose block boundaries fall on chunk
+boundaries (else null).
 """
 
 from __future__ import annotations
@@ -32,14 +34,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Sequence
 
-ROOT = Path(__file__).resolve().parent.parent
+import torch
+
+from attnres_train.model.structure import LayerKind, layer_index, layer_kind
+from attnres_train.run_logger import device_peak_flops
+from parallel.layout import aligned_blocks_per_chunk, closed_forms
 
 
 # -- the worker: one variant, run under torchrun (or plain python for one process) ------------------
 def _device_name() -> str:
-    import torch
-
     if torch.cuda.is_available():
         return torch.cuda.get_device_name()
     model = platform.processor() or "cpu"
@@ -53,8 +58,9 @@ def _device_name() -> str:
     return f"CPU: {model} ({os.cpu_count()} cores visible)"
 
 
-def classify(name: str, module) -> str | None:
-    """The breakdown row a module's forward time/FLOPs go to (None: counted via its children)."""
+def classify(name: str, layers: Sequence[LayerKind]) -> str | None:
+    """The breakdown row module `name` of a model chunk sends its forward time/FLOPs to (None:
+    counted via its children). layers: the kind of each of the chunk's layers, by local index."""
     parts = name.split(".")
     if name == "embedding":
         return "embedding"
@@ -63,11 +69,11 @@ def classify(name: str, module) -> str | None:
     if name == "decoder.final_layernorm" or parts[-1] in ("input_layernorm", "pre_mlp_layernorm"):
         return "norms"
     if len(parts) == 4 and parts[:2] == ["decoder", "layers"]:
-        kind = parts[3]
-        if kind == "self_attention":
-            return "kda" if type(module).__name__ == "KimiDeltaAttention" else "mla"
-        if kind == "mlp":
-            return "moe" if type(module).__name__ == "MoELayer" else "dense_mlp"
+        kind = layers[int(parts[2])]
+        if parts[3] == "self_attention":
+            return kind.attention  # "kda" | "mla"
+        if parts[3] == "mlp":
+            return "moe" if kind.is_moe else "dense_mlp"
     return None
 
 
@@ -90,8 +96,9 @@ def module_breakdown(model_chunks) -> dict:
 
     for chunk in model_chunks:
         counted_flops, counted_time = 0, 0.0
+        layers = [layer_kind(chunk.model_cfg, layer_index(layer)) for layer in chunk.decoder.layers]
         for name, module in chunk.named_modules():
-            row = classify(name, module)
+            row = classify(name, layers)
             if row is None:
                 continue
             flops, dur = _tree_flops(module), getattr(module, "__duration__", 0.0)
@@ -107,14 +114,13 @@ def module_breakdown(model_chunks) -> dict:
 
 def run_variant(cfg, *, warmup: int, steps: int, flops: bool) -> dict:
     """Train warmup+steps steps (+1 profiled step) and measure; returns the record on rank 0."""
-    import torch
+    # the worker's imports stay here: the orchestrator (`main`) imports this module too and never
+    # builds a model, so it does not pay for importing megatron (seconds)
     import torch.distributed as dist
-    from megatron.core import parallel_state as ps
 
     from attnres_train.data.loader import MicroBatches
-    from attnres_train.logging import device_peak_flops, model_flops_per_token
     from attnres_train.step import train_step
-    from attnres_train.train import build_training, peak_memory_bytes
+    from attnres_train.train import Throughput, build_training, peak_memory_bytes
 
     t, m = cfg.train, cfg.model
     total = warmup + steps + int(flops)
@@ -135,7 +141,7 @@ def run_variant(cfg, *, warmup: int, steps: int, flops: bool) -> dict:
         before = sum(comm.bytes_sent.values())
         sync()
         tic = time.perf_counter()
-        out = train_step(run.pipeline, run.optimizer, run.scheduler, batches.for_step(step))
+        out = train_step(run.pipeline, run.state.optimizer, run.state.scheduler, batches.for_step(step))
         sync()
         if step >= warmup:
             times.append(time.perf_counter() - tic)
@@ -164,9 +170,7 @@ def run_variant(cfg, *, warmup: int, steps: int, flops: bool) -> dict:
     tensor_bytes = local_seq * t.micro_batch_size * m.hidden_size * elem
     per_tensor_step = tensor_bytes * run.num_micro * run.dp * 2  # x micro-batches x replicas x (fwd+bwd)
     median = statistics.median(times)
-    tokens = t.global_batch_size * m.seq_length
-    embed = run.counts["table"].get("embedding", (0, 0))[0]
-    flops_tok = model_flops_per_token(m, run.counts["params_active"] - embed)
+    meter = Throughput.for_run(cfg, run.counts)
     merged = None
     if flops:
         merged = {}
@@ -179,8 +183,8 @@ def run_variant(cfg, *, warmup: int, steps: int, flops: bool) -> dict:
         "residual": m.residual,
         "step_times_s": times,
         "step_time_s": median,
-        "tokens_per_s": tokens / median,
-        "mfu": flops_tok * tokens / median / (device_peak_flops() * dist.get_world_size()),
+        "tokens_per_s": meter.tokens_per_step / median,
+        "mfu": meter.mfu(median),
         "peak_mem_bytes": int(mem.item()),
         "bytes_per_step": int(statistics.median(bytes_total.tolist())),
         "bytes_expected": layout.tensors_per_microbatch() * per_tensor_step if layout.pp > 1 else 0,
@@ -204,64 +208,42 @@ def _profile_one_step(run, batches, step: int) -> dict | None:
         print(f"attnres-train-profile: no per-module breakdown ({type(exc).__name__}: {exc}); "
               "install deepspeed==0.19.8 with --no-build-isolation", file=sys.stderr)
         return None
-    from attnres_train.step import train_step
+    from attnres_train.step import train_step  # as in run_variant: the worker's imports
 
-    profilers = [FlopsProfiler(chunk) for chunk in run.model_chunks]
+    profilers = [FlopsProfiler(chunk) for chunk in run.state.model_chunks]
     for p in profilers:
         p.start_profile()
-    train_step(run.pipeline, run.optimizer, run.scheduler, batches.for_step(step))
+    train_step(run.pipeline, run.state.optimizer, run.state.scheduler, batches.for_step(step))
     for p in profilers:
         p.stop_profile()
-    rows = module_breakdown(run.model_chunks)
+    rows = module_breakdown(run.state.model_chunks)
     for p in profilers:
         p.end_profile()
     return rows
 
 
 def _worker_main(argv: list) -> None:
-    """python -m attnres_train.profile worker OUT_JSON WARMUP STEPS FLOPS [hydra overrides...]"""
+    """python -m attnres_train.profiler worker OUT_JSON WARMUP STEPS FLOPS [hydra overrides...]"""
     out, warmup, steps, flops, overrides = Path(argv[0]), int(argv[1]), int(argv[2]), argv[3] == "1", argv[4:]
-    from hydra import compose, initialize_config_dir
-    from omegaconf import OmegaConf
+    from attnres_train.config.compose import compose_config  # as in run_variant: the worker's imports
+    from attnres_train.train import prepared_process
 
-    from attnres_train.config import validate_config
-    from attnres_train.train import CONFIG_DIR, quiet_third_party
-    from attnres_train import cpu_compat
-
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        cfg = OmegaConf.to_object(compose(config_name="config", overrides=overrides))
-    validate_config(cfg)
-    quiet_third_party()
-    cpu_compat.apply()
-    from parallel.groups import destroy_distributed, init_distributed
-
-    init_distributed(cfg.parallel)
-    try:
+    cfg = compose_config(overrides)
+    with prepared_process(cfg):  # validated, CPU patches applied, process groups held
         record = run_variant(cfg, warmup=warmup, steps=steps, flops=flops)
         if record:
             out.write_text(json.dumps(record, indent=2) + "\n")
-    finally:
-        destroy_distributed()
 
 
 # -- the orchestrator ------------------------------------------------------------------------------
-def aligned_blocks_per_chunk(layout) -> int | None:
-    """N_p when every chunk holds the same number of whole AttnRes blocks, else None."""
-    if layout["block_size"] is None or len(set(layout["layers"])) != 1:
-        return None
-    sub = 2 * layout["layers"][0]
-    return sub // layout["block_size"] if sub % layout["block_size"] == 0 else None
-
-
 def summarize(base: dict, attn: dict, *, command: str, name: str, repeats: list) -> dict:
-    from parallel.layout import paper_eq7, paper_eq8
-
     lay = attn["layout"]
-    P, V = lay["pp"], lay["vpp"]
-    Np = aligned_blocks_per_chunk(lay)
+    closed = closed_forms(lay["pp"], lay["vpp"], lay["layers"], lay["block_size"])
     per_tensor = attn["per_tensor_step_bytes"]
-    eq7 = paper_eq7(P, V, Np) * per_tensor if Np and P > 1 else None
-    eq8 = paper_eq8(P, V, Np) * per_tensor if Np and P > 1 else None
+
+    def closed_bytes(form: str):  # a parallel.layout.ClosedForms field, whole job per step
+        return None if closed is None else getattr(closed, form) * per_tensor
+
     # the overhead is the median of the per-pair ratios (each pair ran back to back), which
     # cancels slow drifts of the machine better than a ratio of two medians
     ratios = [r["attnres"] / r["baseline"] for r in repeats]
@@ -283,10 +265,11 @@ def summarize(base: dict, attn: dict, *, command: str, name: str, repeats: list)
         "peak_mem_baseline_bytes": base["peak_mem_bytes"], "peak_mem_attnres_bytes": attn["peak_mem_bytes"],
         "bytes_per_step": attn["bytes_per_step"],
         "bytes_expected": attn["bytes_expected"],
-        "bytes_eq7": eq7,
-        "bytes_eq8": eq8,
+        "bytes_eq7": closed_bytes("eq7"),
+        "bytes_eq8": closed_bytes("eq8"),
+        "bytes_naive_full": closed_bytes("naive_full"),
         "bytes_per_step_baseline": base["bytes_per_step"],
-        "blocks_per_chunk": Np,
+        "blocks_per_chunk": aligned_blocks_per_chunk(lay["layers"], lay["block_size"]),
         "final_loss_baseline": base["final_loss"], "final_loss_attnres": attn["final_loss"],
         "breakdown_baseline": base["breakdown"], "breakdown_attnres": attn["breakdown"],
         "step_times_baseline_s": base["step_times_s"], "step_times_attnres_s": attn["step_times_s"],
@@ -326,9 +309,10 @@ def markdown(res: dict) -> str:
         "| p2p bytes per step (fwd+bwd, whole job) | |",
         "|---|---:|",
         f"| measured | {_mib(res['bytes_per_step'])} |",
-        f"| expected from the layout | {_mib(res['bytes_expected'])} |",
-        f"| paper Eq. 8 (cached) | {_mib(res['bytes_eq8'])} |",
-        f"| paper Eq. 7 + embedding hops (naive) | {_mib(res['bytes_eq7'])} |",
+        f"| expected from the layout (full count: embedding + partial) | {_mib(res['bytes_expected'])} |",
+        f"| paper Eq. 8 (cached, non-embedding blocks) | {_mib(res['bytes_eq8'])} |",
+        f"| paper Eq. 7 (naive, non-embedding blocks) | {_mib(res['bytes_eq7'])} |",
+        f"| naive full count (Eq. 7 + embedding hops) | {_mib(res['bytes_naive_full'])} |",
     ]
     if res.get("breakdown_attnres"):
         rows = sorted(set(res["breakdown_attnres"]) | set(res["breakdown_baseline"] or {}))
@@ -346,12 +330,12 @@ def markdown(res: dict) -> str:
 
 def _launch(nproc: int, args: list, env: dict, log: Path) -> None:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "attnres_train.profile", "worker", *args]
+        cmd = [sys.executable, "-m", "attnres_train.profiler", "worker", *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "attnres_train.profile", "worker", *args]
+               "-m", "attnres_train.profiler", "worker", *args]
     with open(log, "w") as fh:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        proc = subprocess.run(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT)
     if proc.returncode != 0:
         tail = log.read_text()[-4000:]
         raise SystemExit(f"attnres-train-profile: run failed ({proc.returncode}): {shlex.join(cmd)}\n{tail}")
@@ -366,7 +350,8 @@ def main(argv=None) -> None:
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     parser.add_argument("--repeats", type=int, default=1, help="baseline/AttnRes pairs, alternating order")
     parser.add_argument("--name", default=None, help="result file name (default: derived)")
-    parser.add_argument("--out-dir", default=str(ROOT / "bench" / "results"))
+    parser.add_argument("--out-dir", default=str(Path("bench") / "results"),
+                        help="where <name>.json and .md go (default: bench/results under the current directory)")
     parser.add_argument("--no-flops", action="store_true", help="skip the per-module breakdown step")
     args, overrides = parser.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o]
@@ -376,18 +361,10 @@ def main(argv=None) -> None:
         parser.error("model.residual=standard is the baseline already: profile an AttnRes residual (block/full)")
 
     env = dict(os.environ)
-    import torch
-
-    from attnres_train.logging import device_peak_flops
-
-    # one peak for both runs, so their MFUs differ only by their step times
-    env.setdefault("ATTNRES_PEAK_FLOPS", repr(device_peak_flops()))
-
-    if not torch.cuda.is_available():
-        env.setdefault("TORCHDYNAMO_DISABLE", "1")
+    if not torch.cuda.is_available():  # the runs' processes share this machine's cores
         env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // max(args.nproc, 1))))
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
-    common = ["logging.wandb.enabled=false", "logging.tensorboard=false", "logging.diag_interval=0",
+    # one peak for both runs (measured once here on CPU), so their MFUs differ only by their step times
+    common = [f"logging.peak_flops={device_peak_flops()!r}", "logging.wandb.enabled=false", "logging.tensorboard=false", "logging.diag_interval=0",
               "train.eval_interval=0", f"train.steps={args.warmup + args.steps + 1}"]
     name = args.name or "profile_" + "_".join(o.replace("=", "-").replace(".", "-") for o in overrides)[:80] \
         + f"_{_dt.date.today().isoformat()}"
