@@ -14,4 +14,18 @@ class ConfigError(ValueError):
 
 
 class CheckpointError(RuntimeError):
-    """A checkpoint that cannot be loaded (incomplete or corrupt)."""
+    """A checkpoint that cannot be loaded (incomplete or corrupt), or saved (CheckpointSaveError)."""
+
+
+class CheckpointSaveError(CheckpointError):
+    """A checkpoint that could not be written (disk full, no permission): `path` is the checkpoint,
+    `reason` the OS error, `fix` what to do. The older checkpoints are intact; the run stops."""
+
+    def __init__(self, path: Any, reason: str, fix: str):
+        self.path, self.reason, self.fix = path, reason, fix
+        super().__init__(f"cannot save checkpoint {path}: {reason}. {fix}")
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped: too many consecutive steps with a non-finite loss or gradient, or a model
+    state that must not be checkpointed. The message names the step, the value and what to try."""

@@ -63,6 +63,7 @@ PROGRESS_FIELDS = (
     ("grad_norm", "gnorm {:.3f}"),
     ("tokens_per_s", "{:,.0f} tok/s"),
     ("mfu", "mfu {:.1%}"),  # '%' multiplies by 100 (as a float, like 100 * v)
+    ("update_skipped", "update skipped: {}"),
 )
 
 

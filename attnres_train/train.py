@@ -39,6 +39,7 @@ from attnres_train.config.validate import validate_vocab
 from attnres_train.data import build_datasets
 from attnres_train.data.loader import MicroBatches
 from attnres_train.diagnostics import Diagnostics
+from attnres_train.errors import CheckpointError, TrainingDiverged
 from attnres_train.model.backend import Backend, record_backend, select_backend
 from attnres_train.model.counting import count_parameters
 from attnres_train.model.model import build_model
@@ -46,7 +47,7 @@ from attnres_train.optim import build_optimizer, build_scheduler
 from attnres_train.plan import dry_run, single_process_parallel
 from attnres_train.preempt import PreemptionSignal
 from attnres_train.run_logger import RunLogger, device_peak_flops, model_flops_per_token
-from attnres_train.step import evaluate, train_step
+from attnres_train.step import all_finite, evaluate, model_state_tensors, train_step
 from attnres_train.train_state import TrainState
 from parallel.groups import destroy_distributed, init_distributed
 from parallel.layout import StageLayout, layout_for
@@ -169,18 +170,23 @@ def train(cfg, run_dir: Path) -> dict:
 
     # SIGUSR1/SIGTERM (slurm time limit, preemption): checkpoint after the current step and return;
     # the previous handlers are back once the block is left.
-    with PreemptionSignal() as preempt:
+    divergence = Divergence(cfg.train, ckpt_root)
+    with PreemptionSignal() as preempt, closing_on_error(logger):
         for step in range(start, t.steps):
             out = timed_step(run, batches, step, meter, diag if cadence.draws_diagnostics(step + 1) else None)
             state.finish_step(t.global_batch_size)
-            record = step_record(out, state, meter) if cadence.logs(state.step) else {}
+            skipped = not out["update_ok"]  # a skipped update is always logged, with its reason
+            record = step_record(out, state, meter) if cadence.logs(state.step) or skipped else {}
+            if skipped:
+                record["update_skipped"] = "non-finite loss or gradient"
             if cadence.evaluates(state.step):
                 record["val_loss"] = validation()
             if record:
                 logger.log(state.step, record)
+            divergence.observe(state.step, out)  # raises after train.max_bad_steps bad steps in a row
             stop = state.step < t.steps and preempt.requested()  # a collective: every rank, every step
             if cadence.saves(state.step) or stop:
-                saved = checkpoint.save(ckpt_root, state, model_cfg=m, keep_last=t.keep_last)
+                saved = save_if_good(ckpt_root, state, m, t.keep_last, divergence, verbose=run.rank == 0)
             if stop:  # exit code 0; no summary.json (the run is not finished)
                 if run.rank == 0:
                     print(f"preempted at step {state.step}/{t.steps} ({preempt.reason}): checkpoint saved to "
@@ -268,6 +274,79 @@ class Validation:
         self.last = evaluate(self.pipeline, self.batches)
         self.best = min(self.best, self.last)
         return self.last
+
+
+class Divergence:
+    """Counts consecutive steps whose update was skipped (non-finite loss or gradient on some rank)
+    and stops the run after train.max_bad_steps of them; refuses to checkpoint a non-finite state.
+    Every rank sees the same verdicts (train_step's all-reduce), so all stop at the same step."""
+
+    def __init__(self, train_cfg, ckpt_root: Path):
+        self.cfg, self.ckpt_root = train_cfg, ckpt_root
+        self.bad: list = []  # (step, loss) of the current run of bad steps
+
+    def observe(self, step: int, out: dict) -> None:
+        if out["update_ok"]:
+            self.bad = []
+            return
+        self.bad.append((step, out["loss"]))
+        if len(self.bad) >= self.cfg.max_bad_steps:
+            first, (last, loss) = self.bad[0][0], self.bad[-1]
+            raise TrainingDiverged(
+                f"training diverged at step {last}: {len(self.bad)} steps in a row ({first}-{last}) had a "
+                f"non-finite loss or gradient (loss {loss}), their updates skipped "
+                f"(train.max_bad_steps={self.cfg.max_bad_steps}). {self._last_good()} Try a new run (another "
+                f"hydra.run.dir) with a lower train.lr (now {self.cfg.lr:g}), a longer train.warmup_steps (now "
+                f"{self.cfg.warmup_steps}) or a smaller train.clip_grad (now {self.cfg.clip_grad:g})")
+
+    @property
+    def in_bad_run(self) -> bool:
+        """The last step's update was skipped: the state gives a non-finite loss on real data."""
+        return bool(self.bad)
+
+    def check_checkpointable(self, state: TrainState) -> None:
+        """A checkpoint is never written from non-finite parameters or optimizer moments."""
+        if not all_finite(model_state_tensors(state.model_chunks, state.optimizer)):
+            raise TrainingDiverged(
+                f"step {state.step}: the parameters or optimizer moments are not finite, so no checkpoint "
+                f"is written. {self._last_good()} Try a new run (another hydra.run.dir) with a lower train.lr "
+                f"(now {self.cfg.lr:g}) or a smaller train.clip_grad (now {self.cfg.clip_grad:g})")
+
+    def last_good(self) -> Optional[Path]:
+        good = checkpoint.step_dirs(self.ckpt_root)
+        return good[-1] if good else None
+
+    def _last_good(self) -> str:
+        good = checkpoint.step_dirs(self.ckpt_root)
+        if not good:
+            return "There is no checkpoint yet."
+        return (f"The last good checkpoint is {good[-1]}; rerunning the same command resumes from it "
+                "(train.resume=auto), its LR schedule included.")
+
+
+def save_if_good(ckpt_root: Path, state: TrainState, model_cfg, keep_last: int, divergence: Divergence, *,
+                 verbose: bool) -> Optional[Path]:
+    """Checkpoint `state`, unless it is suspect: inside a run of skipped updates (the weights gave a
+    non-finite loss, so keep_last must not rotate out an older, good checkpoint for them) nothing
+    is written and the newest existing checkpoint is returned; a non-finite state stops the run."""
+    if divergence.in_bad_run:
+        kept = divergence.last_good()
+        if verbose:
+            print(f"step {state.step}: no checkpoint (its update was skipped: a non-finite loss or gradient); "
+                  f"the newest checkpoint stays {kept}", flush=True)
+        return kept
+    divergence.check_checkpointable(state)
+    return checkpoint.save(ckpt_root, state, model_cfg=model_cfg, keep_last=keep_last)
+
+
+@contextlib.contextmanager
+def closing_on_error(logger: RunLogger):
+    """Close the run's logs (metrics, wandb, tensorboard) when the loop ends with an exception."""
+    try:
+        yield
+    except BaseException:
+        logger.close()
+        raise
 
 
 def timed_step(run: Training, batches: MicroBatches, step: int, meter: Throughput,
@@ -380,7 +459,15 @@ def run(cfg, run_dir: Path):
         if cfg.train.dry_run:
             return dry_run(cfg, run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
-        return train(cfg, run_dir)
+        try:
+            return train(cfg, run_dir)
+        except TrainingDiverged as exc:
+            # every rank stops at this same step (train_step's all-reduce): rank 0 says why while the
+            # others wait, so that torchrun, seeing a rank exit, does not kill rank 0 before it printed
+            if dist.get_rank() == 0:
+                print(f"attnres-train: error: {exc}", file=sys.stderr, flush=True)
+            dist.barrier()
+            raise SystemExit(1) from None
 
 
 @hydra.main(config_path=CONFIG_DIR, config_name="config", version_base="1.3")
@@ -391,6 +478,9 @@ def _hydra_main(cfg: DictConfig) -> None:
     except ConfigError as exc:  # a user mistake: one clear line, no traceback
         print(f"attnres-train: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except CheckpointError as exc:  # on every rank that has it: the reason may be one rank's own
+        print(f"attnres-train: error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
 
 
 def main() -> None:

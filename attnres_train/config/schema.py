@@ -159,6 +159,9 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # A step whose loss or gradients are not finite (on any rank) skips its update; this many in a
+    # row stop the run (exit code 1), its last good checkpoint kept.
+    max_bad_steps: int = 3
     eval_interval: int = 100  # steps between validation passes (and one at the end)
     eval_batches: int = 0  # micro-batches per validation pass; 0: the whole valid split
     save_interval: int = 200  # steps between checkpoints (0: only at the end)

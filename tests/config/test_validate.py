@@ -2,7 +2,10 @@
 The choices are enums the schema enforces; the defaults live in the schema alone."""
 
 import dataclasses
+import functools
 import json
+import re
+import typing
 
 import pytest
 from hydra import compose, initialize_config_dir
@@ -12,7 +15,7 @@ from omegaconf.errors import ValidationError
 from attnres_train.choices import Residual
 from attnres_train.config import Config, ModelConfig
 from attnres_train.config.compose import CONFIG_DIR, check_overrides, compose_config
-from attnres_train.config.validate import validate_config, validate_model, validate_vocab
+from attnres_train.config.validate import DOMAINS, validate_config, validate_model, validate_vocab
 from attnres_train.errors import ConfigError
 from parallel.groups import check_world_size, gpu_for_local_rank
 from tests.helpers import model_cfg, tiny_model_cfg
@@ -188,3 +191,124 @@ def test_one_gpu_per_rank():
         gpu_for_local_rank(0, 2, 1)
     with pytest.raises(ConfigError, match="0 visible GPU"):
         gpu_for_local_rank(0, 1, 0)
+
+
+# ------------------------------------------------------------------------ numeric ranges (DOMAINS)
+
+# one bad value per DOMAINS row, and the allowed range its message must name
+BAD_VALUES = [
+    ("model.hidden_size", 0, ">= 1"),
+    ("model.vocab_size", 0, ">= 1"),
+    ("model.seq_length", 0, ">= 1"),
+    ("model.norm_eps", 0.0, "> 0"),
+    ("model.init_std", -0.02, "> 0"),
+    ("model.kda.num_heads", 0, ">= 1"),
+    ("model.kda.head_dim", 0, ">= 1"),
+    ("model.kda.conv_kernel", 0, ">= 1"),
+    ("model.kda.chunk_size", 0, ">= 1"),
+    ("model.mla.num_heads", 0, ">= 1"),
+    ("model.mla.q_lora_rank", 0, ">= 1"),
+    ("model.mla.kv_lora_rank", 0, ">= 1"),
+    ("model.mla.qk_nope_head_dim", 0, ">= 1"),
+    ("model.mla.qk_rope_head_dim", -1, ">= 0"),
+    ("model.mla.v_head_dim", 0, ">= 1"),
+    ("model.moe.num_experts", 0, ">= 1"),
+    ("model.moe.ffn_hidden_size", 0, ">= 1"),
+    ("model.moe.num_shared_experts", -1, ">= 0"),
+    ("model.moe.dense_ffn_hidden_size", 0, ">= 1"),
+    ("model.moe.routed_scaling_factor", 0.0, "> 0"),
+    ("model.moe.bias_update_rate", -1e-3, ">= 0"),
+    ("model.moe.aux_loss_coeff", -0.1, ">= 0"),
+    ("parallel.tp", 0, ">= 1"),
+    ("parallel.pp", 0, ">= 1"),
+    ("parallel.vpp", 0, ">= 1"),
+    ("parallel.ep", -1, ">= 1"),
+    ("data.valid_fraction", 1.0, "in [0, 1)"),
+    ("data.vocab_size", 0, ">= 1"),
+    ("train.seed", -1, "in [0, 4294967295]"),
+    ("train.steps", 0, ">= 1"),
+    ("train.micro_batch_size", 0, ">= 1"),
+    ("train.global_batch_size", 0, ">= 1"),
+    ("train.lr", -1.0, "> 0"),
+    ("train.min_lr", -1e-4, ">= 0"),
+    ("train.warmup_steps", -1, ">= 0"),
+    ("train.wsd_decay_fraction", 1.5, "in [0, 1]"),
+    ("train.weight_decay", -0.1, ">= 0"),
+    ("train.adam_beta1", 1.0, "in [0, 1)"),
+    ("train.adam_beta2", -0.5, "in [0, 1)"),
+    ("train.adam_eps", 0.0, "> 0"),
+    ("train.clip_grad", -1.0, ">= 0"),
+    ("train.max_bad_steps", 0, ">= 1"),
+    ("train.eval_interval", -1, ">= 0"),
+    ("train.eval_batches", -1, ">= 0"),
+    ("train.save_interval", -1, ">= 0"),
+    ("train.keep_last", -1, ">= 0"),
+    ("logging.log_interval", 0, ">= 1"),
+    ("logging.diag_interval", -1, ">= 0"),
+]
+
+# the boundary values each range admits (and null where a key allows it)
+EDGE_VALUES = [
+    ("train.keep_last", 0), ("train.save_interval", 0), ("train.eval_interval", 0), ("train.eval_batches", 0),
+    ("train.warmup_steps", 0), ("train.clip_grad", 0.0), ("train.weight_decay", 0.0), ("train.min_lr", 0.0),
+    ("train.adam_beta1", 0.0), ("train.wsd_decay_fraction", 0.0), ("train.wsd_decay_fraction", 1.0),
+    ("train.seed", 0), ("train.seed", 2**32 - 1), ("train.steps", 1), ("train.max_bad_steps", 1),
+    ("train.micro_batch_size", 1), ("train.global_batch_size", 1), ("train.lr", 3e-4),  # = min_lr
+    ("logging.log_interval", 1), ("logging.diag_interval", 0), ("data.valid_fraction", 0.0),
+    ("model.mla.qk_rope_head_dim", 0), ("model.mla.q_lora_rank", None), ("model.kda.head_dim", None),
+    ("model.moe.num_shared_experts", 0), ("model.moe.bias_update_rate", 0.0), ("model.moe.aux_loss_coeff", 0.0),
+]
+
+
+def config_with(key: str, value) -> Config:
+    """The default Config with the dotted `key` set to `value`."""
+    cfg = Config()
+    *parents, leaf = key.split(".")
+    setattr(functools.reduce(getattr, parents, cfg), leaf, value)
+    return cfg
+
+
+@pytest.mark.parametrize("key,value,allowed", BAD_VALUES, ids=[case[0] for case in BAD_VALUES])
+def test_value_outside_its_range_is_one_config_error(key, value, allowed):
+    """Each numeric key's bad value is refused before anything is built, naming the key, the value
+    and the allowed range (not a ZeroDivisionError or an optimizer's ValueError later)."""
+    with pytest.raises(ConfigError) as err:
+        validate_config(config_with(key, value))
+    assert (err.value.key, err.value.value) == (key, value)
+    assert str(err.value).startswith(f"{key}={value!r}: must be {allowed}")
+    if key.startswith("model."):  # the model builds run the same rows
+        with pytest.raises(ConfigError, match=rf"^{re.escape(key)}="):
+            validate_model(config_with(key, value).model)
+
+
+@pytest.mark.parametrize("key,value", EDGE_VALUES, ids=[f"{k}={v}" for k, v in EDGE_VALUES])
+def test_boundary_values_are_accepted(key, value):
+    validate_config(config_with(key, value))
+
+
+def test_every_numeric_key_has_a_range():
+    """Each int/float field of the schema has a DOMAINS row (and a bad-value case above) or is one
+    of the keys checked against other values."""
+    checked_elsewhere = {"model.num_layers", "model.attnres.block_size", "model.moe.top_k", "model.moe.first_k_dense",
+                         "parallel.recompute_num_layers", "train.dry_run_world_size", "logging.peak_flops"}
+    numeric = set(numeric_keys(Config)) - checked_elsewhere
+    assert numeric == {d.key for d in DOMAINS}
+    assert {case[0] for case in BAD_VALUES} == numeric
+
+
+def numeric_keys(cls, prefix: str = ""):
+    """Dotted paths of the int/float (or Optional of those) fields of dataclass `cls`, nested included."""
+    for name, hint in typing.get_type_hints(cls).items():
+        if dataclasses.is_dataclass(hint):
+            yield from numeric_keys(hint, f"{prefix}{name}.")
+        elif {a for a in typing.get_args(hint) or (hint,) if a is not type(None)} <= {int, float}:
+            yield f"{prefix}{name}"
+
+
+def test_nan_and_min_lr_above_lr_are_refused():
+    with pytest.raises(ConfigError, match=r"^train.lr=nan: must be > 0$"):
+        validate_config(config_with("train.lr", float("nan")))
+    with pytest.raises(ConfigError, match=r"^train.min_lr=0.01: must be <= train.lr=0.003 \(the schedule decays"):
+        validate_config(config_with("train.min_lr", 1e-2))
+    with pytest.raises(ConfigError, match=r"^model.kda.head_dim=0: must be >= 1 \(null: .*\), or null$"):
+        validate_config(config_with("model.kda.head_dim", 0))

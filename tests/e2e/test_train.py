@@ -133,6 +133,8 @@ def test_tensor_and_expert_parallel_training_match_one_process(cli, tmp_path, la
      r"parallel.layers_per_stage=\[1, 2\]: the counts sum to 3 but the model has model.num_layers=4"),
     (["parallel.pp=2", "parallel.layers_per_stage=[1,1,2]"], r"parallel.layers_per_stage.*one layer count per pipeline chunk"),
     (["parallel.recompute=selective", "parallel.recompute_modules=[moe_act]"], r"parallel.recompute_modules"),
+    (["train.lr=-1"], r"(?m)^attnres-train: error: train.lr=-1.0: must be > 0$"),
+    (["train.micro_batch_size=0"], r"(?m)^attnres-train: error: train.micro_batch_size=0: must be >= 1$"),
 ])
 def test_bad_input_fails_early_with_clear_error(cli, tmp_path, overrides, match):
     import re
