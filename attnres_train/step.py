@@ -45,14 +45,15 @@ def grad_buffers(ddp_chunks: list) -> list:
 
 def model_state_tensors(model_chunks: list, optimizer) -> list:
     """What a checkpoint writes of the model and optimizer: the parameters, the optimizer's own
-    (master) parameters and its moments (Adam's exp_avg, exp_avg_sq)."""
-    tensors = [p for chunk in model_chunks for p in chunk.parameters()]
+    (master) parameters and its moments (Adam's exp_avg, exp_avg_sq), each once (without a
+    separate master copy the optimizer's parameters are the model's)."""
+    tensors = {id(p): p for chunk in model_chunks for p in chunk.parameters()}
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         inner = opt.optimizer
-        tensors += [p for group in inner.param_groups for p in group["params"]]
-        tensors += [v for state in inner.state.values() for v in state.values()
-                    if torch.is_tensor(v) and v.is_floating_point()]
-    return tensors
+        tensors.update((id(p), p) for group in inner.param_groups for p in group["params"])
+        tensors.update((id(v), v) for state in inner.state.values() for v in state.values()
+                       if torch.is_tensor(v) and v.is_floating_point())
+    return list(tensors.values())
 
 
 def all_finite(tensors: Iterable[torch.Tensor], extra: float = 0.0) -> bool:

@@ -317,10 +317,10 @@ class Divergence:
         return good[-1] if good else None
 
     def _last_good(self) -> str:
-        good = checkpoint.step_dirs(self.ckpt_root)
-        if not good:
+        good = self.last_good()
+        if good is None:
             return "There is no checkpoint yet."
-        return (f"The last good checkpoint is {good[-1]}; rerunning the same command resumes from it "
+        return (f"The last good checkpoint is {good}; rerunning the same command resumes from it "
                 "(train.resume=auto), its LR schedule included.")
 
 

@@ -4,13 +4,16 @@ batch; finite steps are untouched; the finiteness check sees what a checkpoint w
 
 from __future__ import annotations
 
+import pytest
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from attnres_train.config.schema import ParallelConfig, TrainConfig
+from attnres_train.errors import TrainingDiverged
 from attnres_train.optim import build_optimizer, build_scheduler
 from attnres_train.step import all_finite, grad_buffers, model_state_tensors, train_step
-from attnres_train.train import build_chunks
+from attnres_train.train import Divergence, build_chunks
+from attnres_train.train_state import TrainState
 from parallel.layout import layout_for
 from parallel.pipeline import Pipeline
 from tests.helpers import tiny_model_cfg
@@ -78,6 +81,18 @@ def test_one_nan_gradient_skips_that_update_and_training_goes_on(mcore_world):
     plain, plain_oks, _, _ = _run(cfg, inject_nan=False, skip_by_hand=False)
     assert all(plain_oks) and plain[:BAD_STEP + 1] == losses[:BAD_STEP + 1]
     assert plain[BAD_STEP + 1:] != losses[BAD_STEP + 1:]  # an update was really skipped
+
+
+def test_a_non_finite_state_is_never_checkpointed(mcore_world, tmp_path):
+    _, _, _, (chunk, optimizer, _) = _run(tiny_model_cfg(), inject_nan=False, skip_by_hand=False)
+    state = TrainState([chunk], optimizer, scheduler=None, step=STEPS)
+    guard = Divergence(TrainConfig(), tmp_path)
+    guard.check_checkpointable(state)  # finite: no objection
+    moment = next(v["exp_avg"] for v in optimizer.optimizer.state.values())
+    moment.view(-1)[0] = float("inf")  # one optimizer moment, not a weight
+    with pytest.raises(TrainingDiverged, match=rf"step {STEPS}: the parameters or optimizer moments are not "
+                                               r"finite, so no checkpoint is written\. There is no checkpoint yet"):
+        guard.check_checkpointable(state)
 
 
 def test_all_finite_sees_one_bad_element(mcore_world):
