@@ -8,8 +8,16 @@ no permission) removes its tmp dir and raises CheckpointSaveError on every rank.
 newest complete checkpoint; if it fails to load, the error names it and the previous one is tried.
 
 What is saved is a `TrainState` (model chunks, optimizer, LR schedule, step, consumed samples) plus
-every rank's RNG streams. The unsplit initial weights (`train.layout_independent_init`) use the
-same format: see save_unsplit_init.
+the RNG streams. Everything is keyed by what it is, not by the rank that held it, so a checkpoint
+resumes on another layout (TP, PP, VPP, EP, DP): megatron reshards the weights and the optimizer's
+model-space moments; the RNG streams are keyed by model-parallel coordinates (pp, tp, ep ranks),
+which every data-parallel replica shares, so they are restored when only DP changes and re-seeded
+from train.seed and the step otherwise; the data position is in samples, which holds across DP
+sizes while the global batch is unchanged (a changed one is refused). meta.json records the layout,
+so a load that fails on a changed layout is reported as such, never as a corrupt checkpoint.
+
+The unsplit initial weights (`train.layout_independent_init`) use the same format: see
+save_unsplit_init.
 """
 
 from __future__ import annotations
@@ -29,11 +37,14 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing, tensor_parallel
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from torch.distributed.checkpoint import CheckpointException
 
 from attnres_train.config.schema import ParallelConfig
 from attnres_train.errors import CheckpointError, CheckpointSaveError, ConfigError
 from attnres_train.model.model import build_model
+from attnres_train.optim import allocate_adam_state, untie_adam_steps
 from attnres_train.train_state import TrainState
 from parallel.groups import barrier, global_rank, init_model_parallel, is_distributed
 
@@ -41,6 +52,10 @@ META = "meta.json"
 # Model config keys that change parameter shapes: a checkpoint cannot be resumed across them.
 SHAPE_KEYS = ("residual", "num_layers", "layer_pattern", "hidden_size", "vocab_size", "kda", "mla", "moe")
 STRATEGY = ("torch_dist", 1)
+LAYOUT_KEYS = ("world", "tp", "pp", "vpp", "ep", "dp")
+# the layout axes the RNG streams differ along (megatron seeds its trackers per tp and ep rank, and
+# stages draw different numbers); data-parallel replicas share them
+RNG_AXES = ("pp", "tp", "ep")
 # an OSError as str() writes it, quoted in another exception's message
 _ERRNO_TEXT = re.compile(r"\[Errno \d+\][^\n]*")
 
@@ -66,21 +81,53 @@ def _set_rng_state(state: dict) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _sharded_state(state: TrainState, *, is_loading: bool) -> dict:
-    """The sharded dict megatron saves: model{i} per chunk, optimizer, scheduler, rng (per rank)."""
+def current_layout() -> dict:
+    """This job's parallel layout, as meta.json records it."""
+    return {"world": dist.get_world_size() if dist.is_initialized() else 1,
+            "tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
+            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1,
+            "ep": ps.get_expert_model_parallel_world_size(), "dp": ps.get_data_parallel_world_size()}
+
+
+def describe_layout(layout: dict) -> str:
+    return " ".join(f"{k}={layout[k]}" for k in LAYOUT_KEYS if k in layout)
+
+
+def _rng_object(value) -> ShardedObject:
+    """The RNG streams as one object per model-parallel position (pp, tp, ep ranks): the
+    data-parallel replicas of a position draw the same numbers, so the lowest-ranked one saves it,
+    and a job with another DP size restores it on each of its replicas."""
+    sizes = tuple(current_layout()[k] for k in RNG_AXES)
+    position = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+                ps.get_expert_model_parallel_rank())
+    positions = [position]
+    if is_distributed():
+        positions = [None] * dist.get_world_size()
+        dist.all_gather_object(positions, position)
+    replica = positions[:global_rank()].count(position)
+    return ShardedObject("rng_state", value, sizes, position, replica_id=replica)
+
+
+def _sharded_state(state: TrainState, *, is_loading: bool, with_rng: bool = True) -> dict:
+    """The sharded dict megatron saves: model{i} per chunk, optimizer (megatron's model-space
+    format, `fully_reshardable`: each moment shaped and sharded like its parameter), scheduler and,
+    unless `with_rng` is False (a load whose RNG streams cannot map), the RNG streams."""
     model_sd = {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(state.model_chunks)}
     sharded = dict(model_sd)
+    if is_loading:
+        allocate_adam_state(state.optimizer)
     sharded["optimizer"] = state.optimizer.sharded_state_dict(
         model_sd if len(state.model_chunks) > 1 else model_sd["model0"], is_loading=is_loading,
-        metadata={"distrib_optim_sharding_type": "dp_reshardable"},
+        metadata={"distrib_optim_sharding_type": "fully_reshardable"},
     )
     sharded["scheduler"] = state.scheduler.state_dict()
-    world, rank = (dist.get_world_size(), global_rank()) if dist.is_initialized() else (1, 0)
-    sharded["rng"] = ShardedObject("rng_state", _rng_state(), (world,), (rank,), replica_id=0)
+    if with_rng:
+        sharded["rng"] = _rng_object(_rng_state())
     return sharded
 
 
-def save(ckpt_root: Path, state: TrainState, *, model_cfg, keep_last: int) -> Path:
+def save(ckpt_root: Path, state: TrainState, *, model_cfg, keep_last: int,
+         global_batch_size: Optional[int] = None) -> Path:
     """Save `state` as <ckpt_root>/step_<state.step>; keep the newest `keep_last` (0: all).
     A collective: every rank calls it.
 
@@ -93,14 +140,25 @@ def save(ckpt_root: Path, state: TrainState, *, model_cfg, keep_last: int) -> Pa
     tmp = ckpt_root / f".tmp-step_{state.step:07d}"
     rank0 = global_rank() == 0
     meta = {"step": state.step, "consumed_samples": state.consumed_samples,
+            "global_batch_size": global_batch_size, "layout": current_layout(),
             "model": dataclasses.asdict(model_cfg)}
     # each phase ends in an agreement (an all-gather), where the barriers were: every rank learns
     # whether some rank failed, and all raise together
     _agree(final, tmp, _attempt(_prepare_tmp, tmp) if rank0 else None)
     sharded = _sharded_state(state, is_loading=False)
-    _agree(final, tmp, _attempt(dist_checkpointing.save, sharded, str(tmp), sharded_strategy=STRATEGY))
+    _agree(final, tmp, _attempt(dist_checkpointing.save, sharded, str(tmp), sharded_strategy=_save_strategy()))
     _agree(final, tmp, _attempt(_commit, tmp, final, meta, keep_last) if rank0 else None)
     return final
+
+
+def _save_strategy():
+    """megatron's torch_dist writer, its work spread over the data-parallel ranks (Megatron-LM's
+    fully parallel save): the replicas of a tensor (weights and, gathered by the model-space
+    optimizer format, Adam moments) are each written by one rank of the group, not all by DP rank 0."""
+    base = get_default_save_sharded_strategy(*STRATEGY)
+    if not is_distributed() or ps.get_data_parallel_world_size(with_context_parallel=True) == 1:
+        return base
+    return FullyParallelSaveStrategyWrapper(base, ps.get_data_parallel_group(with_context_parallel=True))
 
 
 def _attempt(fn, *args, **kwargs) -> Optional[str]:
@@ -231,7 +289,9 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def check_compatible(meta: dict, model_cfg, where: Path) -> None:
+def check_compatible(meta: dict, model_cfg, where: Path, global_batch_size: Optional[int] = None) -> None:
+    """Refuse a resume the checkpoint cannot serve: another model shape, or another global batch
+    (the data position and the LR schedule count in global batches of the saved size)."""
     saved = meta["model"]
     current = dataclasses.asdict(model_cfg)
     diffs = [k for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
@@ -242,12 +302,23 @@ def check_compatible(meta: dict, model_cfg, where: Path) -> None:
             f"checkpoint {where} was saved with a different model shape ({detail}). Resume with the "
             "same model config, or start a new run (train.resume=none and a new hydra.run.dir)",
         )
+    saved_gbs = meta.get("global_batch_size")
+    if global_batch_size is not None and saved_gbs is not None and saved_gbs != global_batch_size:
+        raise ConfigError(
+            "train.global_batch_size", global_batch_size,
+            f"checkpoint {where} was trained with train.global_batch_size={saved_gbs} ({meta['step']} "
+            f"steps, {meta['consumed_samples']} samples). Resume with train.global_batch_size="
+            f"{saved_gbs} (any data-parallel size and micro-batch size that divide it), or start a "
+            "new run (a new hydra.run.dir)",
+        )
 
 
-def load_latest(ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> Optional[dict]:
-    """Load the newest loadable checkpoint under ckpt_root into `state` (falling back to older ones).
+def load_latest(ckpt_root: Path, state: TrainState, model_cfg, *, log=print, **expect) -> Optional[dict]:
+    """Load the newest loadable checkpoint under ckpt_root into `state` (falling back to older ones
+    only when a checkpoint of the current layout fails to load: a corrupt or partial one).
 
     Returns its meta dict, or None when there is no checkpoint (`state` is then untouched).
+    `expect`: load's global_batch_size and seed.
     """
     candidates = step_dirs(ckpt_root)
     for bad in sorted(ckpt_root.glob(".tmp-step_*")) if ckpt_root.is_dir() else []:
@@ -255,8 +326,8 @@ def load_latest(ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> 
     errors = []
     for path in reversed(candidates):
         try:
-            return load(path, state, model_cfg)
-        except (ConfigError, KeyboardInterrupt, SystemExit):
+            return load(path, state, model_cfg, log=log, **expect)
+        except (ConfigError, CheckpointError, KeyboardInterrupt, SystemExit):
             raise
         # torch.distributed.checkpoint's CheckpointException derives from BaseException
         except BaseException as exc:  # corrupt or incomplete: name it and try the previous one
@@ -268,35 +339,76 @@ def load_latest(ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> 
     return None
 
 
-def resume(how: str, ckpt_root: Path, state: TrainState, model_cfg, *, log=print) -> Optional[dict]:
+def resume(how: str, ckpt_root: Path, state: TrainState, model_cfg, *, log=print, **expect) -> Optional[dict]:
     """train.resume: "auto" loads the newest loadable checkpoint under ckpt_root (none there: a
     fresh start), "none" starts fresh, anything else is the checkpoint directory to load.
-    Returns the loaded checkpoint's meta dict, or None for a fresh start."""
+    Returns the loaded checkpoint's meta dict, or None for a fresh start. `expect`: load's
+    global_batch_size and seed."""
     if how == "auto":
-        return load_latest(ckpt_root, state, model_cfg, log=log)
+        return load_latest(ckpt_root, state, model_cfg, log=log, **expect)
     if how != "none":
-        return load(Path(how), state, model_cfg)
+        return load(Path(how), state, model_cfg, log=log, **expect)
     return None
 
 
-def load(path: Path, state: TrainState, model_cfg) -> dict:
+def load(path: Path, state: TrainState, model_cfg, *, global_batch_size: Optional[int] = None,
+         seed: int = 0, log=print) -> dict:
     """Restore `state` (weights, optimizer, schedule, step, consumed samples) and this rank's RNG
-    streams from the checkpoint at `path`; returns its meta dict."""
+    streams from the checkpoint at `path`, on this job's layout; returns its meta dict.
+
+    Raises ConfigError for a checkpoint of another model shape or global batch, and
+    CheckpointError (no fallback: the checkpoint may be intact) when a checkpoint saved on another
+    layout fails to load; anything else a load raises means a corrupt or partial checkpoint."""
     meta_file = path / META
     if not meta_file.is_file():
         raise CheckpointError(f"checkpoint {path} is incomplete: {META} is missing")
     meta = json.loads(meta_file.read_text())
-    check_compatible(meta, model_cfg, path)
-    template = _sharded_state(state, is_loading=True)
-    loaded = dist_checkpointing.load(template, str(path), sharded_strategy=STRATEGY)
+    check_compatible(meta, model_cfg, path, global_batch_size)
+    saved, now = meta.get("layout"), current_layout()
+    rng_maps = saved is not None and all(saved[k] == now[k] for k in RNG_AXES)
+    try:
+        loaded = _load_into(state, path, with_rng=rng_maps)
+    except BaseException as exc:
+        if saved == now or isinstance(exc, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise CheckpointError(
+            f"checkpoint {path} was saved on {describe_layout(saved) if saved else 'an unrecorded layout'} "
+            f"and cannot be loaded on {describe_layout(now)} ({type(exc).__name__}: {str(exc)[:300]}). "
+            "It is not known to be corrupt: resume on the layout it was saved on, or with "
+            "train.resume=<an older checkpoint> to try another") from exc
+    if rng_maps:
+        _set_rng_state(loaded["rng"])
+    else:
+        reseed(seed, meta["step"])
+    state.step, state.consumed_samples = meta["step"], meta["consumed_samples"]
+    if saved != now:
+        rng = ("restored (data-parallel replicas share them)" if rng_maps else
+               f"re-seeded from train.seed={seed} and step {meta['step']} (their layout changed: "
+               "dropout draws differ from an unbroken run)")
+        log(f"checkpoint {path} was saved on {describe_layout(saved) if saved else 'an unrecorded layout'}, "
+            f"resuming on {describe_layout(now)}: weights and optimizer state resharded, RNG streams {rng}")
+    return meta
+
+
+def _load_into(state: TrainState, path: Path, *, with_rng: bool) -> dict:
+    """Weights, optimizer state and LR schedule from the checkpoint at `path` into `state`;
+    returns what was loaded (its "rng" entry when `with_rng`)."""
+    loaded = dist_checkpointing.load(_sharded_state(state, is_loading=True, with_rng=with_rng), str(path),
+                                     sharded_strategy=STRATEGY)
     for i, chunk in enumerate(state.model_chunks):
         chunk.load_state_dict(loaded[f"model{i}"])
     with torch.no_grad():  # distrib optimizer copies into views of leaf params
         state.optimizer.load_state_dict(loaded["optimizer"])
+    untie_adam_steps(state.optimizer)
     state.scheduler.load_state_dict(loaded["scheduler"])
-    _set_rng_state(loaded["rng"])
-    state.step, state.consumed_samples = meta["step"], meta["consumed_samples"]
-    return meta
+    return loaded
+
+
+def reseed(seed: int, step: int) -> None:
+    """Deterministic RNG streams for a resume whose saved streams do not map onto this layout:
+    the same (seed, step) on the same layout gives the same streams, and not those of step 0."""
+    torch.manual_seed(seed + step)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed + step)
 
 
 # -- unsplit initial weights (train.layout_independent_init) ---------------------------------------

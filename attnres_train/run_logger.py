@@ -1,7 +1,7 @@
 """Run logging: a console progress line, metrics.jsonl, wandb (offline by default), tensorboard.
 
 Only the global rank 0 writes. Every logged step is one JSON object in <run_dir>/metrics.jsonl
-(`step`, `loss`, `lr`, `grad_norm`, `tokens`, `tokens_per_s`, `mfu`, and `val_loss` when
+(`step`, `loss`, `lr`, `grad_norm`, `consumed_samples`, `tokens`, `tokens_per_s`, `mfu`, and `val_loss` when
 evaluated); the resolved config is written beside it as config.yaml by the trainer.
 """
 

@@ -26,7 +26,6 @@ import torch
 import torch.distributed as dist
 from hydra.core.hydra_config import HydraConfig
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 from omegaconf import DictConfig, OmegaConf
@@ -43,7 +42,7 @@ from attnres_train.errors import CheckpointError, TrainingDiverged
 from attnres_train.model.backend import Backend, record_backend, select_backend
 from attnres_train.model.counting import count_parameters
 from attnres_train.model.model import build_model
-from attnres_train.optim import build_optimizer, build_scheduler
+from attnres_train.optim import build_optimizer, build_scheduler, wrap_chunks
 from attnres_train.plan import dry_run, single_process_parallel
 from attnres_train.preempt import PreemptionSignal
 from attnres_train.run_logger import RunLogger, device_peak_flops, model_flops_per_token
@@ -108,13 +107,11 @@ def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Opt
     counts = count_parameters(build_model(m, meta=True), m)  # the whole model, on the meta device
     model_chunks = build_chunks(m, cfg.parallel, dtype, layout_independent_init=t.layout_independent_init,
                                 seed=t.seed, scratch_dir=scratch_dir)
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                               use_distributed_optimizer=dp > 1)
-    chunks = [DistributedDataParallel(c.config, ddp_config, c) for c in model_chunks]
+    chunks = wrap_chunks(model_chunks)
     config = model_chunks[0].config
     config.finalize_model_grads_func = finalize_model_grads
     config.no_sync_func = [c.no_sync for c in chunks] if len(chunks) > 1 else chunks[0].no_sync
-    optimizer = build_optimizer(t, chunks, params_dtype=dtype, dp_size=dp)
+    optimizer = build_optimizer(t, chunks, params_dtype=dtype)
     scheduler = build_scheduler(t, optimizer)
     layout = layout_for(m, cfg.parallel)
     pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
@@ -152,7 +149,8 @@ def train(cfg, run_dir: Path) -> dict:
     t, m = cfg.train, cfg.model
     run = build_training(cfg, scratch_dir=run_dir)
     state, ckpt_root = run.state, run_dir / "checkpoints"
-    checkpoint.resume(t.resume, ckpt_root, state, m, log=print if run.rank == 0 else _silent)
+    checkpoint.resume(t.resume, ckpt_root, state, m, log=print if run.rank == 0 else _silent,
+                      global_batch_size=t.global_batch_size, seed=t.seed)
     start = state.step
     if start >= t.steps:
         return nothing_to_train(run_dir, start, t.steps, verbose=run.rank == 0)
@@ -184,13 +182,16 @@ def train(cfg, run_dir: Path) -> dict:
             if record:
                 logger.log(state.step, record)
             divergence.observe(state.step, out)  # raises after train.max_bad_steps bad steps in a row
-            stop = state.step < t.steps and preempt.requested()  # a collective: every rank, every step
+            preempted = state.step < t.steps and preempt.requested()  # a collective: every rank, every step
+            stop = preempted or cadence.exits(state.step)
             if cadence.saves(state.step) or stop:
-                saved = save_if_good(ckpt_root, state, m, t.keep_last, divergence, verbose=run.rank == 0)
+                saved = save_if_good(ckpt_root, state, m, t, divergence, verbose=run.rank == 0)
             if stop:  # exit code 0; no summary.json (the run is not finished)
                 if run.rank == 0:
-                    print(f"preempted at step {state.step}/{t.steps} ({preempt.reason}): checkpoint saved to "
-                          f"{saved}; resubmit the same command (same hydra.run.dir) to resume", flush=True)
+                    why = preempt.reason if preempted else f"train.exit_interval={t.exit_interval}"
+                    print(f"{'preempted' if preempted else 'stopped'} at step {state.step}/{t.steps} ({why}): "
+                          f"checkpoint saved to {saved}; rerun the same command (same hydra.run.dir) to "
+                          "resume", flush=True)
                 logger.close()
                 return {"steps": t.steps, "preempted_at_step": state.step}
     return finish(run_dir, cfg, run, validation, logger, backend)
@@ -208,12 +209,13 @@ class Cadence:
     eval_interval: int  # 0: only at the end
     save_interval: int  # 0: only at the end
     diag_interval: int  # 0: never
+    exit_interval: int = 0  # 0: never
 
     @classmethod
     def for_run(cls, cfg, start: int) -> "Cadence":
         return cls(total=cfg.train.steps, start=start, log_interval=cfg.logging.log_interval,
                    eval_interval=cfg.train.eval_interval, save_interval=cfg.train.save_interval,
-                   diag_interval=cfg.logging.diag_interval)
+                   diag_interval=cfg.logging.diag_interval, exit_interval=cfg.train.exit_interval)
 
     def logs(self, done: int) -> bool:
         return done % self.log_interval == 0 or done == self.total or done == self.start + 1
@@ -223,6 +225,10 @@ class Cadence:
 
     def saves(self, done: int) -> bool:
         return bool(self.save_interval and done % self.save_interval == 0) or done == self.total
+
+    def exits(self, done: int) -> bool:
+        """Stop here (checkpointed) for train.exit_interval; never at the last step, which finishes."""
+        return bool(self.exit_interval) and done % self.exit_interval == 0 and done < self.total
 
     def draws_diagnostics(self, done: int) -> bool:
         return bool(self.diag_interval) and (done % self.diag_interval == 0 or done == self.total)
@@ -324,7 +330,7 @@ class Divergence:
                 "(train.resume=auto), its LR schedule included.")
 
 
-def save_if_good(ckpt_root: Path, state: TrainState, model_cfg, keep_last: int, divergence: Divergence, *,
+def save_if_good(ckpt_root: Path, state: TrainState, model_cfg, train_cfg, divergence: Divergence, *,
                  verbose: bool) -> Optional[Path]:
     """Checkpoint `state`, unless it is suspect: inside a run of skipped updates (the weights gave a
     non-finite loss, so keep_last must not rotate out an older, good checkpoint for them) nothing
@@ -336,7 +342,8 @@ def save_if_good(ckpt_root: Path, state: TrainState, model_cfg, keep_last: int, 
                   f"the newest checkpoint stays {kept}", flush=True)
         return kept
     divergence.check_checkpointable(state)
-    return checkpoint.save(ckpt_root, state, model_cfg=model_cfg, keep_last=keep_last)
+    return checkpoint.save(ckpt_root, state, model_cfg=model_cfg, keep_last=train_cfg.keep_last,
+                           global_batch_size=train_cfg.global_batch_size)
 
 
 @contextlib.contextmanager
@@ -356,7 +363,8 @@ def timed_step(run: Training, batches: MicroBatches, step: int, meter: Throughpu
     if diag is not None:
         diag.start()
     tic = time.perf_counter()
-    out = train_step(run.pipeline, run.state.optimizer, run.state.scheduler, batches.for_step(step))
+    out = train_step(run.pipeline, run.state.optimizer, run.state.scheduler,
+                     batches.at(run.state.consumed_samples))
     meter.add(time.perf_counter() - tic)
     if diag is not None:
         diag.finish(step + 1)
@@ -366,7 +374,7 @@ def timed_step(run: Training, batches: MicroBatches, step: int, meter: Throughpu
 def step_record(out: dict, state: TrainState, meter: Throughput) -> dict:
     """The metrics.jsonl record of the step just finished (keys in the order they are written)."""
     return {"loss": out["loss"], "lr": state.optimizer.param_groups[0]["lr"], "grad_norm": out["grad_norm"],
-            **meter.take(state.step)}
+            "consumed_samples": state.consumed_samples, **meter.take(state.step)}
 
 
 def open_run(cfg, run: Training, run_dir: Path, backend: Backend) -> RunLogger:

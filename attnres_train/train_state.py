@@ -29,7 +29,7 @@ class TrainState:
     consumed_samples: int = 0
 
     def finish_step(self, global_batch_size: int) -> None:
-        """Count one more optimizer step. The loader reads step s's samples at s x global batch
-        (MicroBatches.for_step), so the data position follows from the step."""
+        """Count one more optimizer step and its global batch. The loader reads the next step's
+        samples from consumed_samples on (MicroBatches.at), whatever the data-parallel size."""
         self.step += 1
-        self.consumed_samples = self.step * global_batch_size
+        self.consumed_samples += global_batch_size

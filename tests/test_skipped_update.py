@@ -6,11 +6,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from attnres_train.config.schema import ParallelConfig, TrainConfig
 from attnres_train.errors import TrainingDiverged
-from attnres_train.optim import build_optimizer, build_scheduler
+from attnres_train.optim import build_optimizer, build_scheduler, wrap_chunks
 from attnres_train.step import all_finite, grad_buffers, model_state_tensors, train_step
 from attnres_train.train import Divergence, build_chunks
 from attnres_train.train_state import TrainState
@@ -36,9 +35,9 @@ def _run(model_cfg, *, inject_nan: bool, skip_by_hand: bool):
     torch.manual_seed(1234)
     train_cfg = TrainConfig(steps=STEPS, warmup_steps=1, global_batch_size=MICRO * MBS, micro_batch_size=MBS)
     (chunk,) = build_chunks(model_cfg, ParallelConfig(), torch.float32)
-    ddp = DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)
+    (ddp,) = wrap_chunks([chunk])
     chunk.config.no_sync_func = ddp.no_sync
-    optimizer = build_optimizer(train_cfg, [ddp], params_dtype=torch.float32, dp_size=1)
+    optimizer = build_optimizer(train_cfg, [ddp], params_dtype=torch.float32)
     scheduler = build_scheduler(train_cfg, optimizer)
     pipeline = Pipeline([ddp], layout_for(model_cfg, ParallelConfig()), seq_length=model_cfg.seq_length,
                         micro_batch_size=MBS)

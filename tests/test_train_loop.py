@@ -7,11 +7,10 @@ import json
 import math
 
 import torch
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
 from attnres_train import checkpoint
 from attnres_train.config.schema import ParallelConfig, TrainConfig
-from attnres_train.optim import build_optimizer, build_scheduler
+from attnres_train.optim import build_optimizer, build_scheduler, torch_adams, wrap_chunks
 from attnres_train.train import Cadence, Throughput, build_chunks
 from attnres_train.train_state import TrainState
 from tests.helpers import tiny_model_cfg
@@ -28,6 +27,10 @@ def test_cadence_every_interval_and_the_last_step():
     assert [d for d in range(1, 11) if c.evaluates(d)] == [5, 10]
     assert [d for d in range(1, 11) if c.saves(d)] == [3, 6, 9, 10]
     assert not any(c.draws_diagnostics(d) for d in range(1, 11))  # diag_interval=0: never
+    assert not any(c.exits(d) for d in range(1, 11))  # exit_interval=0: never
+    # train.exit_interval stops at its multiples, but never at the last step (that one finishes)
+    assert [d for d in range(1, 11) if _cadence(exit_interval=5).exits(d)] == [5]
+    assert [d for d in range(1, 11) if _cadence(exit_interval=4).exits(d)] == [4, 8]
 
 
 def test_cadence_zero_intervals_mean_only_at_the_end_and_a_restart_logs_its_first_step():
@@ -49,9 +52,9 @@ def test_throughput_averages_the_steps_since_the_last_record():
 
 def _state(model_cfg, train_cfg) -> TrainState:
     (chunk,) = build_chunks(model_cfg, ParallelConfig(), torch.float32)
-    ddp = DistributedDataParallel(chunk.config, DistributedDataParallelConfig(grad_reduce_in_fp32=True), chunk)
+    (ddp,) = wrap_chunks([chunk])
     chunk.config.no_sync_func = ddp.no_sync
-    optimizer = build_optimizer(train_cfg, [ddp], params_dtype=torch.float32, dp_size=1)
+    optimizer = build_optimizer(train_cfg, [ddp], params_dtype=torch.float32)
     return TrainState([chunk], optimizer, build_scheduler(train_cfg, optimizer))
 
 
@@ -79,30 +82,19 @@ def test_train_state_round_trips_through_a_checkpoint(mcore_world, tmp_path):
     assert names and all(torch.equal(got[n], want[n]) for n in names)
     assert fresh.scheduler.num_steps == saved.scheduler.num_steps == 1
     assert math.isclose(fresh.optimizer.param_groups[0]["lr"], saved.optimizer.param_groups[0]["lr"])
-    moments = _find(saved.optimizer.state_dict(), "exp_avg")
-    assert moments and all(m.abs().sum() > 0 for m in moments)
-    _assert_same(fresh.optimizer.state_dict(), saved.optimizer.state_dict())  # the moments included
+    want, got = _adam_state(saved), _adam_state(fresh)
+    assert want and all(exp_avg.abs().sum() > 0 for _, exp_avg, _ in want)  # moments were saved
+    assert len(got) == len(want)
+    for (step, exp_avg, exp_avg_sq), (step_0, exp_avg_0, exp_avg_sq_0) in zip(got, want):
+        assert step.item() == step_0.item() == 1
+        assert torch.equal(exp_avg, exp_avg_0) and torch.equal(exp_avg_sq, exp_avg_sq_0)
+    # one step tensor per parameter: Adam advances each in place
+    assert len({id(step) for step, _, _ in got}) == len(got)
 
 
-def _find(tree, key: str) -> list:
-    """Every value stored under `key` in nested dicts/lists."""
-    if isinstance(tree, dict):
-        return [v for k, v in tree.items() if k == key] + [x for v in tree.values() for x in _find(v, key)]
-    if isinstance(tree, (list, tuple)):
-        return [x for v in tree for x in _find(v, key)]
-    return []
+def _adam_state(state: TrainState) -> list:
+    """(step, exp_avg, exp_avg_sq) of every parameter shard the optimizer updates, in order."""
+    return [(adam.state[p]["step"], adam.state[p]["exp_avg"], adam.state[p]["exp_avg_sq"])
+            for adam in torch_adams(state.optimizer) for group in adam.param_groups for p in group["params"]]
 
 
-def _assert_same(a, b) -> None:
-    if isinstance(a, dict):
-        assert a.keys() == b.keys()
-        for k in a:
-            _assert_same(a[k], b[k])
-    elif isinstance(a, (list, tuple)):
-        assert len(a) == len(b)
-        for x, y in zip(a, b):
-            _assert_same(x, y)
-    elif isinstance(a, torch.Tensor):
-        assert torch.equal(a, b)
-    else:
-        assert a == b

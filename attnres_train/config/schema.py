@@ -166,6 +166,9 @@ class TrainConfig:
     eval_batches: int = 0  # micro-batches per validation pass; 0: the whole valid split
     save_interval: int = 200  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
+    # stop, checkpointed and with exit code 0, once the step count is a multiple of this (a job
+    # that continues in several allocations, or on another layout); rerun to go on. 0: never
+    exit_interval: int = 0
     resume: str = "auto"  # auto: latest good checkpoint in the run dir | none | PATH
 
 

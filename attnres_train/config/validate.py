@@ -113,6 +113,7 @@ DOMAINS = (
     Domain("train.eval_batches", NON_NEGATIVE, "0: the whole validation split"),
     Domain("train.save_interval", NON_NEGATIVE, "0: only at the end"),
     Domain("train.keep_last", NON_NEGATIVE, "0: keep every checkpoint"),
+    Domain("train.exit_interval", NON_NEGATIVE, "0: never"),
     Domain("logging.log_interval", AT_LEAST_1),
     Domain("logging.diag_interval", NON_NEGATIVE, "0: off"),
 )

@@ -17,7 +17,8 @@ Flow (``build_datasets(cfg.data, seq_length=..., seed=..., train_samples=..., va
    Samples are ``seq_length + 1`` token spans over the shuffled documents: tokens, labels,
    loss_mask, position_ids.
 5. Batches: ``batch_indices`` gives each data-parallel rank its micro-batches of each global batch
-   from ``consumed_samples`` (= step x global batch, so resuming needs only the step); ``collate``
+   from ``consumed_samples`` (the data position a checkpoint saves; the same samples whatever the
+   data-parallel size); ``collate``
    stacks them into [B, S] tensors; ``loader.MicroBatches`` is what the trainer iterates.
 
 Cache layout under ``data.cache_dir`` (default ``.cache/data``); every entry is content-addressed,

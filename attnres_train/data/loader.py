@@ -1,8 +1,10 @@
 """Micro-batches for the schedule: which samples a data-parallel rank trains on at each step.
 
-The datasets are map-style with a fixed index -> sample mapping, so the data position is just the
-step: step k trains on the global batch starting at sample k·G (`batch_indices`). Resuming at
-step k therefore needs no state beyond k.
+The datasets are map-style with a fixed index -> sample mapping, so the data position is one
+number, the samples consumed: a step trains on the global batch that starts there
+(`batch_indices`), split over the data-parallel ranks. The union over the ranks is the same global
+batch whatever the data-parallel size, so a run resumed on another DP size (same global batch)
+trains on exactly the samples an unbroken run would have.
 """
 
 from __future__ import annotations
@@ -15,12 +17,25 @@ class MicroBatches:
         self.dataset = dataset
         self.b, self.num_micro, self.dp_rank, self.dp_size = micro_batch_size, num_micro, dp_rank, dp_size
 
+    @property
+    def global_batch_size(self) -> int:
+        return self.b * self.dp_size * self.num_micro
+
+    def indices(self, consumed_samples: int) -> list:
+        """This rank's sample indices of the global batch starting at `consumed_samples`, in
+        micro-batch order (wrapping around the dataset)."""
+        idx = batch_indices(consumed_samples, self.global_batch_size, self.dp_rank, self.dp_size, self.b)
+        return [i % len(self.dataset) for i in idx]
+
+    def at(self, consumed_samples: int) -> list:
+        """This rank's collated micro-batches ([B, S] tensors) of the global batch starting at
+        sample `consumed_samples`."""
+        idx = self.indices(consumed_samples)
+        return [collate([self.dataset[i] for i in idx[j:j + self.b]]) for j in range(0, len(idx), self.b)]
+
     def for_step(self, step: int) -> list:
-        """This rank's collated micro-batches ([B, S] tensors) of global batch `step`."""
-        gbs = self.b * self.dp_size * self.num_micro
-        idx = batch_indices(step * gbs, gbs, self.dp_rank, self.dp_size, self.b)
-        n = len(self.dataset)
-        return [collate([self.dataset[i % n] for i in idx[j:j + self.b]]) for j in range(0, len(idx), self.b)]
+        """The micro-batches of 0-based step `step` of a run that never changed its global batch."""
+        return self.at(step * self.global_batch_size)
 
     def eval_batches(self, limit: int = 0) -> list:
         """Micro-batches over the whole split (all full global micro-batch groups, or the first `limit`)."""

@@ -243,13 +243,14 @@ BAD_VALUES = [
     ("train.eval_batches", -1, ">= 0"),
     ("train.save_interval", -1, ">= 0"),
     ("train.keep_last", -1, ">= 0"),
+    ("train.exit_interval", -1, ">= 0"),
     ("logging.log_interval", 0, ">= 1"),
     ("logging.diag_interval", -1, ">= 0"),
 ]
 
 # the boundary values each range admits (and null where a key allows it)
 EDGE_VALUES = [
-    ("train.keep_last", 0), ("train.save_interval", 0), ("train.eval_interval", 0), ("train.eval_batches", 0),
+    ("train.keep_last", 0), ("train.save_interval", 0), ("train.exit_interval", 0), ("train.eval_interval", 0), ("train.eval_batches", 0),
     ("train.warmup_steps", 0), ("train.clip_grad", 0.0), ("train.weight_decay", 0.0), ("train.min_lr", 0.0),
     ("train.adam_beta1", 0.0), ("train.wsd_decay_fraction", 0.0), ("train.wsd_decay_fraction", 1.0),
     ("train.seed", 0), ("train.seed", 2**32 - 1), ("train.steps", 1), ("train.max_bad_steps", 1),

@@ -387,6 +387,23 @@ def test_micro_batches_resume_equals_unbroken_run(default_build):
             assert torch.equal(torch.cat([b["tokens"] for b in batches]), collate([ds[i] for i in idx])["tokens"])
 
 
+def test_micro_batches_take_the_same_samples_on_any_data_parallel_size(default_build):
+    """The data position is the samples consumed: at any position, the ranks of DP=2 or DP=4 (any
+    micro-batch size) together take exactly the samples DP=1 takes, so a run resumed on another
+    DP size trains on the samples an unbroken run would have (wrapping past the dataset's end)."""
+    from attnres_train.data.loader import MicroBatches
+
+    ds = default_build.train
+    for consumed in (0, 24, len(ds) - 4):
+        one = MicroBatches(ds, micro_batch_size=2, num_micro=4, dp_rank=0, dp_size=1).indices(consumed)
+        assert one == [(consumed + i) % len(ds) for i in range(8)]
+        for dp, mbs in ((2, 2), (2, 4), (4, 1), (4, 2)):
+            ranks = [MicroBatches(ds, micro_batch_size=mbs, num_micro=8 // (mbs * dp), dp_rank=r, dp_size=dp)
+                     for r in range(dp)]
+            assert all(mb.global_batch_size == 8 for mb in ranks)
+            assert sorted(i for mb in ranks for i in mb.indices(consumed)) == sorted(one)
+
+
 def test_sampler_ranks_partition_global_batch():
     for gbs, mbs, dp in ((16, 2, 2), (12, 3, 2), (8, 4, 2), (8, None, 2), (6, 1, 3)):
         for consumed in (0, gbs, 5 * gbs):
