@@ -18,7 +18,7 @@ $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m pip install --quiet -e '.[dev,hf]'
 	# DeepSpeed (flops profiler of attnres-train-profile) builds against the installed torch:
 	# without build isolation, or pip would fetch another (CUDA) torch to build it
 	$(BIN)/python -m pip install --quiet --no-build-isolation deepspeed==0.19.8

@@ -18,3 +18,27 @@ class RMSNorm(torch.nn.RMSNorm):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **kwargs):
         super().__init__(hidden_size, eps=eps, dtype=config.params_dtype)
         self.weight.sequence_parallel = bool(config.sequence_parallel)
+
+
+# MLA's kv latent norm (kv_a_layernorm) keeps the class default eps in Kimi Linear, as in
+# DeepSeek-V3 whose MLA it takes: 1e-6, not the model's rms_norm_eps (1e-5). transformers' Kimi
+# Linear builds it so too; with rms_norm_eps here the logits would differ by ~1e-4 relative.
+KV_LATENT_NORM_EPS = 1e-6
+
+
+def with_fixed_eps(norm: type, eps: float) -> type:
+    """A subclass of the norm class `norm` that uses `eps` whatever eps its builder passes
+    (megatron's MLA passes layernorm_epsilon to kv_layernorm). Handles classes that build in
+    __init__ (torch norms) and factory classes that build in __new__ (megatron's TENorm)."""
+    if "__new__" in vars(norm):
+        def __new__(cls, config, hidden_size, eps_unused=None, **kwargs):
+            kwargs.pop("eps", None)
+            return norm(config=config, hidden_size=hidden_size, eps=eps, **kwargs)
+
+        return type(f"{norm.__name__}Eps{eps:g}", (norm,), {"__new__": __new__})
+
+    def __init__(self, config, hidden_size, *args, **kwargs):
+        kwargs.pop("eps", None)
+        norm.__init__(self, config, hidden_size, eps=eps, **kwargs)
+
+    return type(f"{norm.__name__}Eps{eps:g}", (norm,), {"__init__": __init__})

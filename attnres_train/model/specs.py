@@ -45,7 +45,7 @@ from megatron.core.transformer.transformer_layer import TransformerLayer, Transf
 from attnres_train.choices import LinearBackend, Residual
 from attnres_train.model.backend import linear_for_build
 from attnres_train.model.mla import MLACoreAttention, NoPEMLASelfAttention
-from attnres_train.model.norm import RMSNorm
+from attnres_train.model.norm import KV_LATENT_NORM_EPS, RMSNorm, with_fixed_eps
 from attnres_train.model.structure import layer_kind
 from attnres_train.model.sublayer import AttnResTransformerLayer, residual_free_bda
 
@@ -113,7 +113,7 @@ def _mla_spec(backend, linear: str) -> ModuleSpec:
             core_attention=core,
             linear_proj=backend.row_parallel_linear(),
             q_layernorm=norm,
-            kv_layernorm=norm,
+            kv_layernorm=with_fixed_eps(norm, KV_LATENT_NORM_EPS),
         ),
     )
 

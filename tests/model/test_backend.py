@@ -262,20 +262,26 @@ def _expected_local_classes():
             "self_attention.linear_q_proj": ColumnParallelLinear,
             "self_attention.linear_kv_down_proj": DuplicatedLinear,
             "self_attention.linear_kv_up_proj": ColumnParallelLinear,
-            "self_attention.kv_layernorm": RMSNorm,
+            "self_attention.kv_layernorm": KV_NORM,  # RMSNorm at Kimi's fixed latent-norm eps
             "self_attention.core_attention": MLACoreAttention,
             "self_attention.linear_proj": RowParallelLinear},
     }
 
 
+KV_NORM = "kv latent norm"
+
+
 def _assert_local_build(model):
     from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 
-    from attnres_train.model.norm import RMSNorm
+    from attnres_train.model.norm import KV_LATENT_NORM_EPS, RMSNorm
 
     for i, expected in _expected_local_classes().items():
         modules = dict(model.decoder.layers[i].named_modules())
         for name, cls in expected.items():
+            if cls is KV_NORM:
+                assert type(modules[name]).__mro__[1] is RMSNorm and modules[name].eps == KV_LATENT_NORM_EPS
+                continue
             assert type(modules[name]) is cls, (i, name, type(modules[name]))
         experts = [m for n, m in modules.items() if n.startswith("mlp.experts.local_experts.")
                    and n.count(".") == 3]
@@ -354,7 +360,8 @@ def test_te_spec_modules(no_cuda):
             assert a.linear_kv_down_proj is te.TELinear and a.linear_q_down_proj is te.TELinear
             assert (a.linear_q_proj, a.linear_q_up_proj, a.linear_kv_up_proj) == (col, col, col)
             assert a.linear_proj is row and a.core_attention is te.TEDotProductAttention
-            assert a.kv_layernorm is te.TENorm and a.q_layernorm is te.TENorm
+            # kv_layernorm: TENorm at Kimi's fixed latent-norm eps (model/norm.py: with_fixed_eps)
+            assert issubclass(a.kv_layernorm, te.TENorm) and a.q_layernorm is te.TENorm
     assert block_spec(cfg, range(cfg.num_layers), "te").layer_norm is te.TENorm
     with pytest.raises(ValueError, match="grouped-GEMM"):
         _te_provider().grouped_mlp_modules(True, False)
