@@ -106,26 +106,17 @@ def import_hf(hf_dir: Path, out: Path, *, residual: str = "standard", block_size
     return meta
 
 
-def load_our_weights(model, checkpoint: Path) -> dict:
-    """Load the weights of one of our checkpoints (a training checkpoint of any layout, a run dir's
-    newest one, or a weights-only import) into the unsplit `model`; returns its meta dict."""
-    checkpoint = Path(checkpoint)
-    if not (checkpoint / META).is_file() and (checkpoint / "checkpoints").is_dir():
-        found = step_dirs(checkpoint / "checkpoints")
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory of this project: `path` itself, or a run dir's newest checkpoint."""
+    path = Path(path)
+    if not (path / META).is_file() and (path / "checkpoints").is_dir():
+        found = step_dirs(path / "checkpoints")
         if not found:
-            raise FileNotFoundError(f"{checkpoint} holds no complete checkpoint under checkpoints/")
-        checkpoint = found[-1]
-    if not (checkpoint / META).is_file():
-        raise FileNotFoundError(f"{checkpoint} is not a checkpoint of this project ({META} is missing)")
-    meta = json.loads((checkpoint / META).read_text())
-    key = "model" if meta.get("kind") == WEIGHTS_KIND else "model0"
-    loaded = dist_checkpointing.load({key: model.sharded_state_dict()}, str(checkpoint), sharded_strategy=STRATEGY)
-    result = model.load_state_dict(loaded[key], strict=False)
-    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-    if missing:
-        raise RuntimeError(f"{checkpoint}: the checkpoint lacks {missing[:5]}")
-    meta["path"] = str(checkpoint)
-    return meta
+            raise FileNotFoundError(f"{path} holds no complete checkpoint under checkpoints/")
+        path = found[-1]
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint of this project ({META} is missing)")
+    return path
 
 
 def model_config_of(meta: dict) -> ModelConfig:
@@ -135,23 +126,29 @@ def model_config_of(meta: dict) -> ModelConfig:
     return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(ModelConfig), meta["model"]))
 
 
+def load_our_weights(model, checkpoint: Path, meta: dict) -> None:
+    """Load the weights of our checkpoint at `checkpoint` (a training checkpoint of any layout, or
+    a weights-only import; `meta` its meta.json) into the unsplit `model`."""
+    key = "model" if meta.get("kind") == WEIGHTS_KIND else "model0"
+    loaded = dist_checkpointing.load({key: model.sharded_state_dict()}, str(checkpoint), sharded_strategy=STRATEGY)
+    result = model.load_state_dict(loaded[key], strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if missing:
+        raise RuntimeError(f"{checkpoint}: the checkpoint lacks {missing[:5]}")
+
+
 def export_hf(checkpoint: Path, out: Path, *, dtype: Optional[torch.dtype] = None,
               max_shard_bytes: int = 5 * 2**30, tokenizer: Optional[Path] = None, log=print) -> Path:
     """One of our checkpoints -> an HF directory at `out` (config.json, safetensors shards +
     index, the tokenizer when given). Needs the megatron groups of one process."""
-    meta_file = Path(checkpoint) / META
-    probe = json.loads(meta_file.read_text()) if meta_file.is_file() else None
-    if probe is None:
-        found = step_dirs(Path(checkpoint) / "checkpoints")
-        if not found:
-            raise FileNotFoundError(f"{checkpoint} is neither a checkpoint nor a run dir with checkpoints")
-        probe = json.loads((found[-1] / META).read_text())
-    cfg = model_config_of(probe)
-    tic = time.perf_counter()
-    model = build_model(cfg, params_dtype=torch.float32)
-    meta = load_our_weights(model, checkpoint)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"{out} exists and is not empty: pick a new output directory")
+    checkpoint = resolve_checkpoint(checkpoint)
+    meta = json.loads((checkpoint / META).read_text())
+    cfg = model_config_of(meta)
+    tic = time.perf_counter()
+    model = build_model(cfg, params_dtype=torch.float32)
+    load_our_weights(model, checkpoint, meta)
     writer = HFWriter(out, max_shard_bytes=max_shard_bytes)
     for name, tensor in hf_tensors(model, cfg, dtype):
         writer.add(name, tensor)
@@ -160,5 +157,5 @@ def export_hf(checkpoint: Path, out: Path, *, dtype: Optional[torch.dtype] = Non
     (out / CONFIG).write_text(json.dumps(hf_config.to_hf(cfg, torch_dtype=out_dtype), indent=2) + "\n")
     if tokenizer is not None:
         shutil.copy2(tokenizer, out / "tokenizer.json")
-    log(f"exported {meta['path']} -> {out} ({time.perf_counter() - tic:.1f} s, {writer.total_bytes / 2**20:.1f} MiB)")
+    log(f"exported {checkpoint} -> {out} ({time.perf_counter() - tic:.1f} s, {writer.total_bytes / 2**20:.1f} MiB)")
     return out

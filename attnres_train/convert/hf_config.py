@@ -18,7 +18,6 @@ fewer than the heads, a rotary MLA, and MoE layers that are not "the first k den
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any, Optional
 
 from attnres_train.choices import Residual
@@ -88,7 +87,6 @@ def _check_supported(hf: dict) -> None:
         ("mla_use_output_gate", bool(hf.get("mla_use_output_gate", False)), "the MLA output gate is not supported"),
         ("moe_router_activation_func", _get(hf, "moe_router_activation_func", default="sigmoid") != "sigmoid",
          "only the sigmoid router is supported"),
-        ("hidden_act", hf.get("hidden_act", "silu") == "situ", "the SiTU activation is not supported"),
     ]
     heads, kv_heads = hf.get("num_attention_heads"), hf.get("num_key_value_heads")
     refusals.append(("num_key_value_heads", kv_heads is not None and kv_heads != heads,
@@ -202,10 +200,5 @@ def attnres_fields(cfg: ModelConfig) -> dict:
     """What the AttnRes config adds to Kimi Linear's: the mode and the block size in sublayers."""
     block = 1 if cfg.residual == Residual.full else cfg.attnres.block_size
     return {"model_type": ATTNRES_MODEL_TYPE, "architectures": ["KimiLinearAttnResForCausalLM"],
-            "attn_res_mode": str(cfg.residual.value if hasattr(cfg.residual, "value") else cfg.residual),
+            "attn_res_mode": Residual(cfg.residual).value,
             "attn_res_block_size_sublayers": block}
-
-
-def model_fields(cfg: ModelConfig) -> dict:
-    """Our model config as a plain dict (what meta.json stores)."""
-    return dataclasses.asdict(cfg)

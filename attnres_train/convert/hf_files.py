@@ -71,9 +71,6 @@ class HFReader:
         name = self.resolve(name, aliases)
         return self._handles[self.weight_map[name]].get_tensor(name)
 
-    def shape(self, name: str) -> tuple:
-        return tuple(self._handles[self.weight_map[name]].get_slice(name).get_shape())
-
 
 class HFWriter:
     """Tensors written in order into safetensors shards of at most `max_shard_bytes` each."""

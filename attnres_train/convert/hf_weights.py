@@ -25,7 +25,7 @@ same names on both sides, under `model.` on the HF side: they exist only in Attn
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Iterable, List, Sequence
+from typing import Callable, Iterable, List
 
 import torch
 
@@ -181,7 +181,3 @@ def aliases(name: str) -> List[str]:
     if ".block_sparse_moe." in name:
         return [name.replace(".block_sparse_moe.", ".mlp.")]
     return []
-
-
-def names_of(entries: Sequence[Entry], side: str) -> List[str]:
-    return [name for e in entries for name in getattr(e, side)]

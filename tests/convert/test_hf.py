@@ -167,8 +167,9 @@ def test_attnres_added_on_import_starts_as_the_uniform_average(mcore_world, save
     initial values (zero queries: every sublayer reads the uniform average of its sources, which is
     not the PreNorm residual sum), and everything else is imported."""
     ours, cfg, kept = ours_from(saved / "mla_middle", torch.float32, residual="block")
-    assert len(kept) == 2 * (2 * 4 * 2 + 2) // 2 and all(n.rsplit(".", 2)[-2] in ("attn_res", "mlp_res", "final_res")
-                                                      for n in kept)
+    # a query and a key-norm gain per sublayer (2 per layer, 4 layers) and for the final aggregate
+    assert len(kept) == 2 * (2 * 4 + 1)
+    assert all(n.rsplit(".", 2)[-2] in ("attn_res", "mlp_res", "final_res") for n in kept)
     state = ours.state_dict()
     assert all(torch.count_nonzero(state[n]) == 0 for n in kept if n.endswith("query"))
 
