@@ -50,7 +50,10 @@ from parallel.groups import barrier, global_rank, init_model_parallel, is_distri
 
 META = "meta.json"
 # Model config keys that change parameter shapes: a checkpoint cannot be resumed across them.
+RUN_TOKENIZER = "tokenizer.json"  # in the run dir: the tokenizer the run trains with (exports ship it)
 SHAPE_KEYS = ("residual", "num_layers", "layer_pattern", "hidden_size", "vocab_size", "kda", "mla", "moe")
+# fields of those groups a resumed or initialised run may change: kernels and training behaviour
+TRAINING_KNOBS = {"kda": ("chunk_size", "impl"), "moe": ("bias_update_rate", "aux_loss_coeff")}
 STRATEGY = ("torch_dist", 1)
 LAYOUT_KEYS = ("world", "tp", "pp", "vpp", "ep", "dp")
 # the layout axes the RNG streams differ along (megatron seeds its trackers per tp and ep rank, and
@@ -289,16 +292,27 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _model_fields(model: dict) -> dict:
+    """A model config dict without the fields that only steer training or kernels (TRAINING_KNOBS)."""
+    return {k: ({f: x for f, x in v.items() if f not in TRAINING_KNOBS.get(k, ())} if isinstance(v, dict) else v)
+            for k, v in model.items()}
+
+
+def shape_diffs(meta: dict, model_cfg) -> tuple:
+    """(the SHAPE_KEYS whose values differ between a checkpoint's meta.json and `model_cfg`, a
+    "key: checkpoint X vs now Y; ..." description of them)."""
+    saved, current = (_model_fields(m) for m in (meta["model"], dataclasses.asdict(model_cfg)))
+    diffs = [k for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
+    return diffs, "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
+
+
 def check_compatible(meta: dict, model_cfg, where: Path, global_batch_size: Optional[int] = None) -> None:
     """Refuse a resume the checkpoint cannot serve: another model shape, or another global batch
     (the data position and the LR schedule count in global batches of the saved size)."""
-    saved = meta["model"]
-    current = dataclasses.asdict(model_cfg)
-    diffs = [k for k in SHAPE_KEYS if saved.get(k) != current.get(k)]
+    diffs, detail = shape_diffs(meta, model_cfg)
     if diffs:
-        detail = "; ".join(f"{k}: checkpoint {saved.get(k)!r} vs now {current.get(k)!r}" for k in diffs)
         raise ConfigError(
-            f"model.{diffs[0]}", current.get(diffs[0]),
+            f"model.{diffs[0]}", dataclasses.asdict(model_cfg).get(diffs[0]),
             f"checkpoint {where} was saved with a different model shape ({detail}). Resume with the "
             "same model config, or start a new run (train.resume=none and a new hydra.run.dir)",
         )
@@ -445,13 +459,70 @@ def save_unsplit_init(model_cfg, parallel_cfg, dtype, seed: int, path: Path) -> 
 
 def load_unsplit_init(chunks: list, path: Path) -> None:
     """Load each chunk's shard of save_unsplit_init's checkpoint, then remove it."""
-    for chunk in chunks:
-        loaded = dist_checkpointing.load({"model": chunk.sharded_state_dict()}, str(path),
-                                         sharded_strategy=STRATEGY)
-        result = chunk.load_state_dict(loaded["model"], strict=False)
-        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
-        if missing or result.unexpected_keys:
-            raise RuntimeError(f"unsplit init: missing {missing}, unexpected {result.unexpected_keys}")
+    load_weights(chunks, path, what="unsplit init")
     dist.barrier()
     if dist.get_rank() == 0:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def load_weights(chunks: list, path: Path, *, what: str) -> None:
+    """Each model chunk's shard of the weights in the checkpoint at `path`, on this job's layout.
+
+    Any checkpoint of this project serves: the shard keys are the unsplit model's parameter names,
+    whatever layout wrote them and however its chunks were nested (a weights-only `{"model": ...}`
+    or a training checkpoint's `model0`, `model1`, ...); megatron reshards them onto this rank's
+    TP slices, expert range and pipeline layers."""
+    for chunk in chunks:
+        # transformer-engine's `_extra_state` (FP8 scaling metadata) is not a weight: a checkpoint
+        # written without TE (an import on CPU) has none, and the layers keep their own
+        wanted = {k: v for k, v in chunk.sharded_state_dict().items() if not k.endswith("_extra_state")}
+        loaded = dist_checkpointing.load({"model": wanted}, str(path), sharded_strategy=STRATEGY)
+        result = chunk.load_state_dict(loaded["model"], strict=False)
+        missing = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+        if missing or result.unexpected_keys:
+            raise CheckpointError(f"{what} {path}: missing {missing}, unexpected {result.unexpected_keys}")
+
+
+# -- train.init_from: the weights of another checkpoint, nothing else -------------------------------
+def resolve_checkpoint(path: Path) -> Path:
+    """A checkpoint directory of this project: `path` itself, or a run dir's newest checkpoint.
+    Raises FileNotFoundError naming what is missing."""
+    path = Path(path)
+    if not (path / META).is_file() and (path / "checkpoints").is_dir():
+        found = step_dirs(path / "checkpoints")
+        if not found:
+            raise FileNotFoundError(f"{path} holds no complete checkpoint under checkpoints/")
+        path = found[-1]
+    if not (path / META).is_file():
+        raise FileNotFoundError(f"{path} is not a checkpoint of this project ({META} is missing)")
+    return path
+
+
+def init_from_checkpoint(init_from: str) -> Path:
+    """train.init_from resolved to a checkpoint directory, or a ConfigError naming the key."""
+    try:
+        return resolve_checkpoint(Path(init_from))
+    except FileNotFoundError as exc:
+        raise ConfigError("train.init_from", init_from,
+                          f"{exc}. Name a checkpoint directory (an `attnres-train-convert import` output, "
+                          "a step_* directory) or a run directory") from None
+
+
+def init_weights(path: Path, state: TrainState, model_cfg, *, log=print) -> dict:
+    """train.init_from on a fresh start: this rank's model chunks get the weights of the
+    checkpoint at `path` (any layout); the optimizer, LR schedule, step and data position start
+    fresh. Returns the checkpoint's meta dict. A checkpoint of another model shape is a ConfigError."""
+    meta = json.loads((path / META).read_text())
+    diffs, detail = shape_diffs(meta, model_cfg)
+    if diffs:
+        raise ConfigError(
+            "train.init_from", str(path),
+            f"it holds another model ({detail}). Set the model config to the checkpoint's (its {META} "
+            "lists it under \"model\"); to add AttnRes to a standard-residual model, import it with "
+            "`attnres-train-convert import --residual block`")
+    load_weights(state.model_chunks, path, what="train.init_from")
+    state.optimizer.reload_model_params()  # main (fp32) copies of the loaded weights
+    kind = meta.get("kind", "training checkpoint")
+    log(f"initialised the weights from {path} ({kind}, step {meta.get('step', 0)}); optimizer, LR "
+        "schedule and data position start fresh")
+    return meta

@@ -37,6 +37,7 @@ from attnres_train.config.compose import CONFIG_DIR, check_overrides
 from attnres_train.config.validate import validate_vocab
 from attnres_train.data import build_datasets
 from attnres_train.data.loader import MicroBatches
+from attnres_train.data.tokenizer import BPETokenizer
 from attnres_train.diagnostics import Diagnostics
 from attnres_train.errors import CheckpointError, TrainingDiverged
 from attnres_train.model.backend import Backend, record_backend, select_backend
@@ -77,6 +78,7 @@ class Training:
     state: TrainState  # this rank's model chunks, optimizer, LR schedule, step: what checkpoints hold
     layout: StageLayout  # which layers each pipeline chunk holds, and what the hops carry
     pipeline: Pipeline  # runs the DDP-wrapped chunks through megatron's schedules
+    tokenizer: BPETokenizer  # the data's (saved into the run dir: exports and generation use it)
 
 
 def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Optional[Path] = None) -> Training:
@@ -117,7 +119,8 @@ def build_training(cfg, *, train_samples: Optional[int] = None, scratch_dir: Opt
     pipeline = Pipeline(chunks, layout, seq_length=m.seq_length, micro_batch_size=t.micro_batch_size)
     return Training(rank=dist.get_rank(), dp=dp, dp_rank=dp_rank, num_micro=num_micro, dtype=dtype,
                     train_ds=train_ds, valid_ds=valid_ds, counts=counts,
-                    state=TrainState(model_chunks, optimizer, scheduler), layout=layout, pipeline=pipeline)
+                    state=TrainState(model_chunks, optimizer, scheduler), layout=layout, pipeline=pipeline,
+                    tokenizer=tokenizer)
 
 
 def build_chunks(model_cfg, parallel_cfg, dtype, *, layout_independent_init: bool = False, seed: int = 0,
@@ -147,10 +150,16 @@ def train(cfg, run_dir: Path) -> dict:
     """Train to cfg.train.steps in run_dir, resuming per train.resume; returns summary.json's
     content, or {"steps", "preempted_at_step"} when a signal stopped the run early."""
     t, m = cfg.train, cfg.model
+    init_from = checkpoint.init_from_checkpoint(t.init_from) if t.init_from else None  # before the build
     run = build_training(cfg, scratch_dir=run_dir)
     state, ckpt_root = run.state, run_dir / "checkpoints"
-    checkpoint.resume(t.resume, ckpt_root, state, m, log=print if run.rank == 0 else _silent,
-                      global_batch_size=t.global_batch_size, seed=t.seed)
+    log = print if run.rank == 0 else _silent
+    resumed = checkpoint.resume(t.resume, ckpt_root, state, m, log=log, global_batch_size=t.global_batch_size,
+                                seed=t.seed)
+    if init_from is not None and resumed is None:
+        checkpoint.init_weights(init_from, state, m, log=log)
+    elif init_from is not None:
+        log(f"train.init_from={t.init_from} not used: resuming this run from its step {state.step}")
     start = state.step
     if start >= t.steps:
         return nothing_to_train(run_dir, start, t.steps, verbose=run.rank == 0)
@@ -386,6 +395,7 @@ def open_run(cfg, run: Training, run_dir: Path, backend: Backend) -> RunLogger:
     logger = RunLogger(run_dir, cfg, total_steps=cfg.train.steps, enabled=run.rank == 0, resolved_config=resolved)
     if run.rank == 0:
         write_run_config(run_dir, ran)
+        run.tokenizer.save(run_dir / checkpoint.RUN_TOKENIZER)
         print(f"model {m.name} residual={m.residual}: {run.counts['params_total']:,} params "
               f"({run.counts['params_active']:,} active); {len(run.train_ds):,} train / {len(run.valid_ds):,} "
               f"valid samples of {m.seq_length} tokens; run dir {run_dir}"

@@ -163,13 +163,18 @@ class TrainConfig:
     # row stop the run (exit code 1), its last good checkpoint kept.
     max_bad_steps: int = 3
     eval_interval: int = 100  # steps between validation passes (and one at the end)
-    eval_batches: int = 0  # micro-batches per validation pass; 0: the whole valid split
+    # micro-batches per validation pass, in all (split over data-parallel ranks); 0: the whole split
+    eval_batches: int = 0
     save_interval: int = 200  # steps between checkpoints (0: only at the end)
     keep_last: int = 2
     # stop, checkpointed and with exit code 0, once the step count is a multiple of this (a job
     # that continues in several allocations, or on another layout); rerun to go on. 0: never
     exit_interval: int = 0
     resume: str = "auto"  # auto: latest good checkpoint in the run dir | none | PATH
+    # A fresh start (nothing to resume) takes its weights from this checkpoint (an
+    # `attnres-train-convert import`, a step_* directory or a run dir: its newest), on any layout;
+    # optimizer, LR schedule and data position start fresh. None: initialise from train.seed.
+    init_from: Optional[str] = None
 
 
 @dataclass

@@ -31,6 +31,27 @@ def _bytes(text: str) -> int:
     return int(float(m.group(1)) * 1024 ** "BKMGT".index((m.group(2) or "B").upper()))
 
 
+class _ProgressBar:
+    """A tqdm bar on stderr fed with progress(done, total) calls."""
+
+    def __init__(self, what: str):
+        self.what, self.bar = what, None
+
+    def __enter__(self):
+        return self
+
+    def update(self, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(total=total, desc=self.what, unit="entry", file=sys.stderr)
+        self.bar.update(done - self.bar.n)
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.close()
+
+
 def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="attnres-train-convert", description=__doc__.split("\n\n")[0])
     sub = ap.add_subparsers(dest="command", required=True)
@@ -52,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _one_process():
+def one_process():
     """The megatron groups of one process (TP = PP = EP = 1): conversions run on the unsplit model."""
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
@@ -86,18 +107,20 @@ def main(argv=None) -> None:
     args = _parser().parse_args(argv)
     try:
         if args.command == "config":
-            _one_process()
+            one_process()
             show_config(args.hf_config)
             return
-        _one_process()
+        one_process()
         from attnres_train.convert.convert import export_hf, import_hf
 
         if args.command == "import":
-            import_hf(args.hf_dir, args.out, residual=args.residual, block_size=args.block_size,
-                      dtype=DTYPES[args.dtype])
+            with _ProgressBar("import (tensors)") as bar:
+                import_hf(args.hf_dir, args.out, residual=args.residual, block_size=args.block_size,
+                          dtype=DTYPES[args.dtype], progress=bar.update)
         else:
-            export_hf(args.checkpoint, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
-                      max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer)
+            with _ProgressBar("export (tensors)") as bar:
+                export_hf(args.checkpoint, args.out, dtype=DTYPES[args.dtype] if args.dtype else None,
+                          max_shard_bytes=args.max_shard_size, tokenizer=args.tokenizer, progress=bar.update)
     except (UnsupportedConfig, HFFormatError, FileExistsError, FileNotFoundError) as exc:
         print(f"attnres-train-convert: error: {exc}", file=sys.stderr, flush=True)
         sys.exit(2)

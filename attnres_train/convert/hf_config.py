@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 from attnres_train.choices import Residual
 from attnres_train.config.schema import ModelConfig
+from attnres_train.convert import hf_attnres
 from attnres_train.model.structure import layer_kinds
 
 MODEL_TYPE = "kimi_linear"
@@ -193,12 +194,13 @@ def to_hf(cfg: ModelConfig, *, bos_token_id: Optional[int] = None, eos_token_id:
 
 
 # -- the AttnRes model type (transformers has none: ours, loaded with trust_remote_code) ------------
-ATTNRES_MODEL_TYPE = "kimi_linear_attnres"
+ATTNRES_MODEL_TYPE = hf_attnres.MODEL_TYPE
 
 
 def attnres_fields(cfg: ModelConfig) -> dict:
     """What the AttnRes config adds to Kimi Linear's: the mode and the block size in sublayers."""
     block = 1 if cfg.residual == Residual.full else cfg.attnres.block_size
-    return {"model_type": ATTNRES_MODEL_TYPE, "architectures": ["KimiLinearAttnResForCausalLM"],
+    return {"model_type": ATTNRES_MODEL_TYPE, "architectures": [hf_attnres.ARCHITECTURE],
+            "auto_map": dict(hf_attnres.AUTO_MAP),
             "attn_res_mode": Residual(cfg.residual).value,
             "attn_res_block_size_sublayers": block}

@@ -38,9 +38,11 @@ class MicroBatches:
         return self.at(step * self.global_batch_size)
 
     def eval_batches(self, limit: int = 0) -> list:
-        """Micro-batches over the whole split (all full global micro-batch groups, or the first `limit`)."""
+        """This rank's micro-batches over the whole split (all full groups of one micro-batch per
+        data-parallel rank), or over its first `limit` micro-batches of samples in all (`limit` //
+        DP size groups, at least one): the same samples on any DP size that divides `limit`."""
         count = len(self.dataset) // (self.b * self.dp_size)
         if limit:
-            count = min(count, limit)
+            count = min(count, max(1, limit // self.dp_size))
         idx = batch_indices(0, count * self.b * self.dp_size, self.dp_rank, self.dp_size, self.b) if count else []
         return [collate([self.dataset[i] for i in idx[j:j + self.b]]) for j in range(0, len(idx), self.b)]

@@ -184,10 +184,13 @@ def meta_device():
 
 
 def build_model(model_cfg, parallel_cfg=None, *, params_dtype=torch.float32, meta: bool = False,
-                pre_process: bool = True, post_process: bool = True, vp_stage=None) -> KimiLinearModel:
-    """Build one model chunk. meta=True: on the meta device, uninitialised (for counting/planning)."""
+                pre_process: bool = True, post_process: bool = True, vp_stage=None,
+                initialize: bool = True) -> KimiLinearModel:
+    """Build one model chunk. meta=True: on the meta device, uninitialised (for counting/planning).
+    initialize=False: megatron's random initialisation skipped (weights about to be overwritten,
+    as by an import; AttnRes's pseudo-queries and gains still start at zeros and ones)."""
     config = transformer_config(model_cfg, parallel_cfg, params_dtype=params_dtype,
-                                perform_initialization=not meta)
+                                perform_initialization=initialize and not meta)
     ctx = meta_device() if meta else contextlib.nullcontext()
     with ctx:
         return KimiLinearModel(config, model_cfg, pre_process=pre_process,

@@ -20,7 +20,7 @@ from safetensors.torch import save_file
 
 from attnres_train.config.schema import ParallelConfig
 from attnres_train.convert import hf_config, hf_weights
-from attnres_train.convert.convert import fill_from_hf, hf_tensors
+from attnres_train.convert.convert import fill_from_hf, hf_tensors, import_hf, streamed_hf_tensors
 from attnres_train.convert.hf_config import UnsupportedConfig, from_hf
 from attnres_train.convert.hf_files import HFFormatError, HFReader, HFWriter, read_config
 from attnres_train.convert.hf_runtime import modeling
@@ -132,6 +132,21 @@ def test_round_trip_hf_ours_hf_is_bit_identical(mcore_world, saved, tmp_path):
     ids = ids_for(CASES["mla_middle"])
     with torch.no_grad():
         assert torch.equal(load_hf(path, torch.float32)(ids).logits, load_hf(tmp_path / "out", torch.float32)(ids).logits)
+
+
+def test_export_reads_the_checkpoint_a_batch_at_a_time(mcore_world, saved, tmp_path):
+    """Export streams: batches of about max_shard_bytes (never splitting one checkpoint key, such
+    as a layer's stacked experts), the same tensors as from the whole model in memory."""
+    path = saved / "mla_first_and_last"
+    import_hf(path, tmp_path / "ckpt", log=lambda *_: None)
+    ours, cfg, _ = ours_from(path, torch.float32)
+    whole = dict(hf_tensors(ours, cfg))
+    batches = []
+    streamed = dict(streamed_hf_tensors(cfg, tmp_path / "ckpt", batch_bytes=100_000,
+                                        progress=lambda done, total: batches.append((done, total))))
+    assert len(batches) > 3 and batches[-1][0] == batches[-1][1]
+    assert streamed.keys() == whole.keys()
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
 
 
 def test_transformers_module_layout_and_the_released_dense_names_import_the_same(mcore_world, saved, tmp_path):

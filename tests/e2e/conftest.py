@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -28,23 +29,25 @@ def data_cache(tmp_path_factory) -> Path:
     return tmp_path_factory.mktemp("data-cache")
 
 
+def run_cli(data_cache: Path, run_dir: Path, *overrides, nproc: int = 1, check: bool = True, timeout: int = 600):
+    """`attnres-train` (torchrun for nproc > 1) with FAST and `overrides`; the finished process."""
+    args = [f"hydra.run.dir={run_dir}", f"data.cache_dir={data_cache}", *FAST, *overrides]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "attnres_train.train", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+               f"--nproc_per_node={nproc}", "-m", "attnres_train.train", *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=_env(data_cache), capture_output=True, text=True,
+                          timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
+                             f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
 @pytest.fixture
 def cli(data_cache):
-    def run(run_dir: Path, *overrides, nproc: int = 1, check: bool = True, timeout: int = 600):
-        args = [f"hydra.run.dir={run_dir}", f"data.cache_dir={data_cache}", *FAST, *overrides]
-        if nproc == 1:
-            cmd = [sys.executable, "-m", "attnres_train.train", *args]
-        else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                   f"--nproc_per_node={nproc}", "-m", "attnres_train.train", *args]
-        proc = subprocess.run(cmd, cwd=ROOT, env=_env(data_cache), capture_output=True, text=True,
-                              timeout=timeout)
-        if check and proc.returncode != 0:
-            raise AssertionError(f"command failed ({proc.returncode}): {' '.join(cmd)}\n"
-                                 f"{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
-        return proc
-
-    return run
+    return functools.partial(run_cli, data_cache)
 
 
 def metrics(run_dir: Path) -> list:
