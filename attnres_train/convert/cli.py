@@ -65,7 +65,7 @@ def _parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="one of our checkpoints -> an HF directory")
     exp.add_argument("checkpoint", type=Path, help="a checkpoint dir, or a run dir (its newest checkpoint)")
     exp.add_argument("out", type=Path)
-    exp.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: as trained (float32)")
+    exp.add_argument("--dtype", choices=list(DTYPES), default=None, help="default: as the checkpoint stores the weights")
     exp.add_argument("--max-shard-size", type=_bytes, default=_bytes("5GB"))
     exp.add_argument("--tokenizer", type=Path, default=None, help="a tokenizer.json to ship with the model")
     cfg = sub.add_parser("config", help="our model config and parameter counts for an HF config.json")

@@ -79,16 +79,20 @@ def streamed_hf_tensors(cfg: ModelConfig, checkpoint: Path, *, batch_bytes: int,
     tensor's shards and their global shapes); each batch gives real (empty) buffers to the
     entries it reads and asks megatron for just those, so the whole model is never in memory."""
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, ShardedTensorFactory
+    from torch.distributed.checkpoint import FileSystemReader
 
     sharded = build_model(cfg, params_dtype=torch.float32, meta=True).sharded_state_dict()
     entries = hf_weights.plan(cfg, layout or export_layout(cfg))
+    # buffers in the dtype the checkpoint holds (a bfloat16 run's weights are read as bfloat16)
+    stored = {k: v.properties.dtype for k, v in FileSystemReader(str(checkpoint)).read_metadata()
+              .state_dict_metadata.items() if hasattr(v, "properties")}
 
     def request(names):
         wanted = {}
         for name in names:
             item = sharded[name]
             assert isinstance(item, (ShardedTensor, ShardedTensorFactory)), (name, type(item))
-            item.data = torch.empty(item.data.shape, dtype=item.data.dtype)  # the meta tensor's shape
+            item.data = torch.empty(item.data.shape, dtype=stored.get(item.key, item.data.dtype))
             wanted[name] = item
         return wanted
 
@@ -98,7 +102,7 @@ def streamed_hf_tensors(cfg: ModelConfig, checkpoint: Path, *, batch_bytes: int,
     batch, size, done, open_until = [], 0, 0, -1
     for i, entry in enumerate(entries):
         batch.append(entry)
-        size += sum(sharded[n].data.numel() * sharded[n].data.element_size() for n in entry.ours)
+        size += sum(sharded[n].data.numel() * stored.get(sharded[n].key, torch.float32).itemsize for n in entry.ours)
         open_until = max([open_until] + [last_use[sharded[n].key] for n in entry.ours])
         if (size < batch_bytes or open_until > i) and i + 1 < len(entries):
             continue
@@ -106,7 +110,7 @@ def streamed_hf_tensors(cfg: ModelConfig, checkpoint: Path, *, batch_bytes: int,
         loaded = dist_checkpointing.load({"model": request(names)}, str(checkpoint), sharded_strategy=STRATEGY)["model"]
         for e in batch:
             for name, tensor in zip(e.hf, e.to_hf([loaded[n] for n in e.ours])):
-                yield name, tensor if dtype is None else tensor.to(dtype)
+                yield name, tensor if dtype is None or tensor.dtype == dtype else tensor.to(dtype)
         done += len(batch)
         progress(done, len(entries))
         del loaded
@@ -202,13 +206,15 @@ def write_hf(model_or_tensors, cfg: ModelConfig, out: Path, *, dtype: Optional[t
     tensors = model_or_tensors if not isinstance(model_or_tensors, torch.nn.Module) \
         else hf_tensors(model_or_tensors, cfg, dtype)
     writer = HFWriter(out, max_shard_bytes=max_shard_bytes)
+    largest = (0, torch.float32)  # config.json's dtype: that of the largest tensor
     for name, tensor in tensors:
         writer.add(name, tensor)
+        largest = max(largest, (tensor.numel(), tensor.dtype), key=lambda x: x[0])
     writer.close()
     ids = dict(special_token_ids or {})
     if tokenizer is not None:
         ids = {**write_tokenizer(tokenizer, out, model_max_length=cfg.seq_length), **ids}
-    out_dtype = str(dtype or torch.float32).removeprefix("torch.")
+    out_dtype = str(dtype or largest[1]).removeprefix("torch.")
     hf = hf_config.to_hf(cfg, torch_dtype=out_dtype, **{k: ids.get(k) for k in SPECIAL_TOKEN_IDS})
     (out / CONFIG).write_text(json.dumps(hf, indent=2) + "\n")
     if cfg.residual != Residual.standard:

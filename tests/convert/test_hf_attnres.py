@@ -126,7 +126,10 @@ def test_greedy_generate_with_caches_equals_rerunning_the_prefix(exported):
         for _ in range(new):
             step = model(tokens, use_cache=False).logits[:, -1]
             steps.append(step)
-            tokens = torch.cat([tokens, step.argmax(-1, keepdim=True)], dim=1)
+            allowed = step.clone()
+            if model.config.eos_token_id is not None:  # as min_new_tokens does in generate
+                allowed[:, model.config.eos_token_id] = -float("inf")
+            tokens = torch.cat([tokens, allowed.argmax(-1, keepdim=True)], dim=1)
     assert torch.equal(cached.sequences, tokens)
     for a, b in zip(cached.logits, steps):
         assert rel(b, a) <= FP32_ATTNRES_RTOL, rel(b, a)
@@ -141,3 +144,15 @@ def test_importing_the_export_gives_back_our_tensors_bit_for_bit(exported):
     mine, theirs = our_state(ours), our_state(back)
     assert mine.keys() == theirs.keys()
     assert all(torch.equal(mine[k], theirs[k]) for k in mine)
+
+
+def test_registered_in_this_process_it_loads_without_remote_code(exported):
+    """hf_attnres.register(): the Auto classes know the model type, so this process loads an
+    export with our own classes, trust_remote_code not needed."""
+    from attnres_train.convert.hf_attnres.modeling_kimi_linear_attnres import KimiLinearAttnResForCausalLM
+
+    _, _, _, out = exported
+    hf_attnres.register()
+    hf_attnres.register()  # idempotent
+    model = AutoModelForCausalLM.from_pretrained(out, experts_implementation="eager")
+    assert type(model) is KimiLinearAttnResForCausalLM

@@ -60,3 +60,26 @@ def losses(run_dir: Path) -> dict:
 
 def summary(run_dir: Path) -> dict:
     return json.loads((run_dir / "summary.json").read_text())
+
+
+# Block AttnRes trained this long writes text a unigram model rates worse (tests/e2e/test_generate.py)
+TRAINED_STEPS = 80
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, data_cache):
+    """trained_run(residual): the run dir of a finished tiny run (block: TRAINED_STEPS steps, the
+    others 2), made once per session for the tests that export or sample from one."""
+    made = {}
+
+    def get(residual: str) -> Path:
+        if residual not in made:
+            run = tmp_path_factory.mktemp(f"trained-{residual}") / "run"
+            steps = ["train.steps=2"] if residual != "block" else [
+                f"train.steps={TRAINED_STEPS}", "train.eval_interval=1000", "logging.log_interval=50",
+                "train.warmup_steps=10"]
+            run_cli(data_cache, run, f"model.residual={residual}", *steps)
+            made[residual] = run
+        return made[residual]
+
+    return get

@@ -25,11 +25,10 @@ FP32_RTOL = 2e-5  # as tests/convert/test_hf_attnres.py: AttnRes's depth softmax
 
 
 @pytest.mark.parametrize("residual", ["standard", "block", "full"])
-def test_a_trained_checkpoint_exports_to_transformers(cli, tmp_path, mcore_world, residual):
+def test_a_trained_checkpoint_exports_to_transformers(trained_run, tmp_path, mcore_world, residual):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    run = tmp_path / "run"
-    cli(run, f"model.residual={residual}", "train.steps=2")
+    run = trained_run(residual)
     out = tmp_path / "hf"
     export_hf(run, out, log=lambda *_: None)  # the run dir: its newest checkpoint and its tokenizer
     config = json.loads((out / "config.json").read_text())
