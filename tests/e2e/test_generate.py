@@ -65,8 +65,17 @@ def test_the_same_seed_gives_the_same_samples(trained_run):
     samples = first.stdout.split("### prompt 1, sample ")[1:]
     assert len(samples) == 2 and all(s.split("\n", 1)[1].startswith(prompt) for s in samples)
     assert samples[0].split("\n", 1)[1] != samples[1].split("\n", 1)[1]  # seeds 5 and 6
-    bad = generate_cli(trained_run("block"), "--prompt", "x", "--top-p", "0")
-    assert bad.returncode == 2 and "--top-p=0.0" in bad.stderr
+
+
+
+def test_out_of_range_flags_are_one_line_errors(capsys, tmp_path):
+    from attnres_train.inference.generate import main
+
+    for flag, value in (("--top-p", "0"), ("--max-new-tokens", "0"), ("--temperature", "-1")):
+        with pytest.raises(SystemExit) as exit_:
+            main([str(tmp_path), "--prompt", "x", flag, value])
+        assert exit_.value.code == 2
+        assert capsys.readouterr().err.startswith(f"attnres-train-generate: error: {flag}=")
 
 
 def tokens_of(prefix) -> list:

@@ -40,9 +40,15 @@ def _run(P, V, tmp_path, cases):
 
 # Four stages run interleaved (pp4-vpp2); the non-interleaved 1F1B schedule runs at pp2 (a pp4 case
 # without VPP repeated both at 4 processes on the 2-core CI machine: 45 s)
+# At four stages (4 processes on the 2-core CI machine) the cases whose payloads differ most: full
+# AttnRes (every sublayer output a source) and blocks spanning chunks, with and without the cache.
+PP4_CASES = [case for case in CASES if case["name"] in ("full", "block-S3", "block-S3-nocache")]
+
+
 @pytest.mark.parametrize("P,V", [(2, 1), (2, 2), (4, 2)], ids=["pp2", "pp2-vpp2", "pp4-vpp2"])
 def test_pipeline_equals_single_stage(P, V, tmp_path):
-    _check(P, V, CASES, _run(P, V, tmp_path, CASES))
+    cases = PP4_CASES if P == 4 else CASES
+    _check(P, V, cases, _run(P, V, tmp_path, cases))
 
 
 # Under PP=2 (and PP=2 x VPP=2): activation recomputation and uneven stages give the same loss and
